@@ -1,0 +1,102 @@
+"""The builder's settings: defaults for the real dataset, overridable from `.env` and flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _default_workers() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass
+class BuilderConfig:
+    out: str = _help("output folder; one subfolder per split (default: $SHARDS_DIR)", default="")
+    dataset: str = _help(
+        "hub dataset id, a local folder of parquet files laid out like the hub repo "
+        "(data/train-*.parquet), or a folder written by datasets' save_to_disk",
+        default="flozi00/asr-german-mixed",
+    )
+    revision: str | None = _help("hub revision (branch, tag or commit) to read", default=None)
+    splits: list[str] = _help("splits to build", default_factory=lambda: ["train", "test"])
+    model: str = _help(
+        "Whisper model (hub id or folder) whose mel bin count, tokenizer and prefix tokens "
+        "the shards are made for",
+        default="openai/whisper-large-v3-turbo",
+    )
+    language: str = _help("transcript language (the <|xx|> prefix token)", default="de")
+    task: str = _help("Whisper task token: transcribe or translate", default="transcribe")
+    audio_column: str = _help("column holding the audio {bytes, path}", default="audio")
+    text_column: str = _help("column holding the transcript", default="transkription")
+    source_column: str = _help("column naming each row's origin (optional)", default="source")
+    workers: int = _help(
+        "worker processes (1 = build in this process)", default_factory=_default_workers
+    )
+    shard_size: int = _help(
+        "input rows per shard. Boundaries by row index keep every shard a pure function of its "
+        "rows (resume, --part and any worker count give the same bytes); 1000 rows is ~130 MB "
+        "for 5 s clips at 128 bins",
+        default=1000,
+    )
+    part: str = _help(
+        "I/N: build only shards whose index %% N == I (N machines, one output)", default="0/1"
+    )
+    limit: int | None = _help("use only the first N rows of each split (trials)", default=None)
+
+    @property
+    def part_index(self) -> int:
+        return int(self.part.split("/")[0])
+
+    @property
+    def part_count(self) -> int:
+        return int(self.part.split("/")[1])
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ValueError("no output folder: pass --out or set SHARDS_DIR in .env")
+        try:
+            index, count = self.part_index, self.part_count
+        except (ValueError, IndexError):
+            raise ValueError(f"--part must look like I/N, got {self.part!r}") from None
+        if not 0 <= index < count:
+            raise ValueError(f"--part {self.part}: need 0 <= I < N")
+        if self.shard_size < 1 or self.workers < 1:
+            raise ValueError("--shard-size and --workers must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+
+
+def parse_args(argv: list[str] | None = None) -> BuilderConfig:
+    from dotenv import load_dotenv
+
+    load_dotenv()  # .env fills in what the environment does not set
+    parser = argparse.ArgumentParser(
+        prog="python -m shard_builder",
+        description="Build Whisper-ready WebDataset shards (trimmed float16 log-mel + tokens).",
+    )
+    defaults = BuilderConfig()
+    defaults.out = os.environ.get("SHARDS_DIR", "")
+    for spec in fields(BuilderConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = getattr(defaults, spec.name)
+        if spec.name == "splits":
+            parser.add_argument(flag, nargs="+", default=default, help=spec.metadata["help"])
+        else:
+            kind = int if spec.name in ("workers", "shard_size", "limit") else str
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                help=spec.metadata["help"] + f" (default: {default})",
+            )
+    config = BuilderConfig(**vars(parser.parse_args(argv)))
+    config.validate()
+    return config
