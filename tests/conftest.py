@@ -1,0 +1,48 @@
+"""Shared fixtures: the demo corpus, the tiny model preset, demo shards built once per session.
+
+Everything here runs offline. The real pretrained Whisper is optional: tests that need it take
+the `whisper_base_dir` fixture and are skipped, with the reason, when WHISPER_BASE_DIR is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CORPUS = REPO / "demo" / "corpus"
+TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
+DEMO_SHARD_SIZE = 64  # small shards so the demo corpus spans several per split
+
+
+def build_shards(out: Path, model: Path | str = TINY_MODEL, *extra: str, workers: int = 1):
+    """Run the real builder entry point; returns the completed process."""
+    command = [sys.executable, "-m", "shard_builder", "--dataset", str(DEMO_CORPUS),
+               "--model", str(model), "--out", str(out), "--workers", str(workers),
+               "--shard-size", str(DEMO_SHARD_SIZE), *extra]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Demo corpus → shards for the tiny preset (train and test), built once per test session."""
+    out = tmp_path_factory.mktemp("demo-shards")
+    result = build_shards(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def whisper_base_dir() -> Path:
+    """A real pretrained multilingual Whisper folder, named by WHISPER_BASE_DIR."""
+    value = os.environ.get("WHISPER_BASE_DIR")
+    if not value:
+        pytest.skip("WHISPER_BASE_DIR is not set: no pretrained Whisper folder to test with")
+    path = Path(value)
+    if not (path / "config.json").is_file():
+        pytest.skip(f"WHISPER_BASE_DIR={value} holds no Whisper model (no config.json)")
+    return path
