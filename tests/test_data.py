@@ -1,0 +1,374 @@
+"""The trainer's data path: epoch plans for many ranks, real loading, exact resume, evaluation.
+
+Most tests read small synthetic shards written with the builder's own ShardWriter (uneven
+shard sizes, fast); the demo shards prove the bucketing and the manifest checks on real data.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shard_builder.contract import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MEL_MEMBER,
+    META_MEMBER,
+    TOKENS_MEMBER,
+    load_manifest,
+    meta_bytes,
+    npy_bytes,
+    tokenizer_fingerprint,
+)
+from shard_builder.writer import ShardWriter
+from trainer import sampling
+from trainer.data import (
+    DataConfig,
+    DataMismatchError,
+    TrainData,
+    check_split,
+    collate,
+    eval_batches,
+    pad_features_to_full,
+)
+
+N_MELS = 8
+FINGERPRINT = tokenizer_fingerprint({"a": 0, "b": 1})
+UNEVEN_SIZES = [7, 64, 3, 50]
+
+
+def write_split(split_dir: Path, shard_sizes: list[int], seed: int = 0) -> dict:
+    """Synthetic shards and a manifest shaped like shard_builder.build.make_manifest's."""
+    rng = np.random.default_rng(seed)
+    split_dir.mkdir(parents=True)
+    entries, row = [], 0
+    for index, size in enumerate(shard_sizes):
+        writer = ShardWriter(split_dir / f"shard-{index:06d}.tar")
+        for _ in range(size):
+            frames, length = int(rng.integers(3, 40)), int(rng.integers(5, 30))
+            meta = {
+                "id": row,
+                "text": f"satz {row}",
+                "source": f"src{row % 3}",
+                "duration": frames / 100,
+                "pad_value": float(rng.uniform(-1.0, 0.0)),
+            }
+            writer.add(
+                f"{split_dir.name}-{row:09d}",
+                {
+                    MEL_MEMBER: npy_bytes(rng.standard_normal((N_MELS, frames)).astype(np.float16)),
+                    TOKENS_MEMBER: npy_bytes(rng.integers(0, 1000, length).astype(np.int32)),
+                    META_MEMBER: meta_bytes(meta),
+                },
+            )
+            row += 1
+        entries.append(writer.close())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "split": split_dir.name,
+        "num_input_rows": row,
+        "num_samples": row,
+        "num_rejected": 0,
+        "features": {"n_mels": N_MELS, "dtype": "float16", "max_frames": 3000},
+        "tokenizer": {"name_or_path": "synthetic", "fingerprint": FINGERPRINT},
+        "shards": entries,
+    }
+    (split_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def uneven_split(tmp_path_factory) -> Path:
+    split_dir = tmp_path_factory.mktemp("synthetic") / "train"
+    write_split(split_dir, UNEVEN_SIZES)
+    return split_dir
+
+
+def all_keys(split_dir: Path) -> list[str]:
+    keys = []
+    for shard in load_manifest(split_dir)["shards"]:
+        with tarfile.open(split_dir / shard["name"]) as tar:
+            keys += [name.split(".")[0] for name in tar.getnames() if name.endswith(".json")]
+    return keys
+
+
+def config(**overrides) -> DataConfig:
+    defaults = {"batch_size": 4, "bucket_buffer": 8, "num_workers": 2, "pin_memory": False}
+    return DataConfig(**{**defaults, **overrides})
+
+
+def batch_keys(batches) -> list[list[str]]:
+    return [batch["keys"] for batch in batches]
+
+
+# --- pure planning, 128 ranks in one process ---------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("epoch", [0, 1, 7])
+def test_128_rank_plans_partition_the_epoch_within_the_drop_bound(num_workers, epoch):
+    sizes = UNEVEN_SIZES * 40  # 4960 samples in 160 uneven shards
+    world = 128
+    seen, batch_counts = Counter(), set()
+    for rank in range(world):
+        plans = sampling.train_worker_plans(
+            sizes, seed=3, epoch=epoch, rank=rank, world_size=world, num_workers=num_workers
+        )
+        worker_counts = {plan.num_samples for plan in plans}
+        assert len(worker_counts) == 1  # every worker of every rank holds the same count
+        for plan in plans:
+            seen.update(
+                (span.shard, i) for span in plan.spans for i in range(span.start, span.stop)
+            )
+        batch_counts.add(sum(sampling.batches_for(plan.num_samples, 16, 4) for plan in plans))
+    assert max(seen.values()) == 1  # no sample twice
+    dropped = sum(sizes) - len(seen)
+    assert 0 <= dropped <= sampling.dropped_bound(world, num_workers)
+    assert sampling.dropped_bound(world, num_workers) == 127 + 128 * (max(1, num_workers) - 1)
+    assert len(batch_counts) == 1  # batches_per_epoch identical on every rank
+
+
+def test_rank_blocks_are_contiguous_in_the_shuffled_stream():
+    sizes = UNEVEN_SIZES
+    order = sampling.epoch_shard_order(len(sizes), seed=0, epoch=0)
+    stream = [(shard, i) for shard in order for i in range(sizes[shard])]
+    for rank in range(3):
+        for worker in range(2):
+            start, stop = sampling.worker_block(sum(sizes), 3, 2, rank, worker)
+            spans = sampling.stream_spans(sizes, order, start, stop)
+            flat = [(s.shard, i) for s in spans for i in range(s.start, s.stop)]
+            assert flat == stream[start:stop]
+
+
+def test_shard_order_depends_on_epoch_and_seed_only():
+    orders = {sampling.epoch_shard_order(50, 0, epoch).__repr__() for epoch in range(5)}
+    assert len(orders) == 5
+    assert sampling.epoch_shard_order(50, 0, 2) == sampling.epoch_shard_order(50, 0, 2)
+    assert sampling.epoch_shard_order(50, 1, 2) != sampling.epoch_shard_order(50, 0, 2)
+
+
+def test_skip_samples_drops_whole_shards_without_touching_them():
+    spans = (sampling.Span(2, 5, 7), sampling.Span(0, 0, 64), sampling.Span(3, 0, 50))
+    assert sampling.skip_samples(spans, 2) == spans[1:]
+    assert sampling.skip_samples(spans, 10) == (sampling.Span(0, 8, 64), spans[2])
+    assert sampling.skip_samples(spans, 116) == ()
+
+
+def test_batches_for_counts_full_buffers_and_a_partial_last_batch():
+    assert sampling.batches_for(16, 8, 4) == 4
+    assert sampling.batches_for(19, 8, 4) == 5  # 2 full buffers + 3 samples -> 1 partial batch
+    assert sampling.batches_for(21, 8, 4) == 6
+
+
+# --- real loading over uneven shards -----------------------------------------------------------
+
+
+def test_dataloader_takes_worker_batches_round_robin():
+    """The resume arithmetic relies on it: global batch g comes from worker g % K."""
+
+    class Tagged(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            worker = torch.utils.data.get_worker_info().id
+            yield from ((worker, i) for i in range(3 + (worker == 0)))
+
+    loader = torch.utils.data.DataLoader(Tagged(), batch_size=None, num_workers=2)
+    got = [(int(w), int(i)) for w, i in loader]
+    assert got == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (0, 3)]
+
+
+def test_every_rank_yields_batches_per_epoch_and_keys_once(uneven_split):
+    world, cfg = 2, config(num_workers=2)
+    keys, counts = [], set()
+    for rank in range(world):
+        data = TrainData(uneven_split, cfg, rank, world)
+        batches = batch_keys(data.batches(epoch=0))
+        assert len(batches) == data.batches_per_epoch()
+        counts.add(len(batches))
+        keys += [key for batch in batches for key in batch]
+    assert len(counts) == 1
+    assert len(keys) == len(set(keys))
+    manifest_keys = set(all_keys(uneven_split))
+    assert set(keys) <= manifest_keys
+    dropped = len(manifest_keys) - len(keys)
+    assert dropped == data.dropped_per_epoch() <= sampling.dropped_bound(world, 2)
+
+
+def test_three_uneven_shards_two_ranks_two_workers(tmp_path):
+    split_dir = tmp_path / "train"
+    write_split(split_dir, [5, 23, 11], seed=1)
+    keys = []
+    for rank in range(2):
+        data = TrainData(split_dir, config(batch_size=2, bucket_buffer=4), rank, 2)
+        batches = list(data.batches(epoch=3))
+        assert len(batches) == data.batches_per_epoch()
+        keys += [key for batch in batches for key in batch["keys"]]
+    assert len(keys) == len(set(keys))
+    assert 39 - len(keys) <= sampling.dropped_bound(2, 2)
+
+
+def test_batch_tensors_follow_the_contract(uneven_split):
+    batch = next(iter(TrainData(uneven_split, config(), 0, 1).batches(epoch=0)))
+    size = len(batch["keys"])
+    assert batch["features"].dtype == torch.float16 and batch["features"].shape[:2] == (
+        size,
+        N_MELS,
+    )
+    assert batch["features"].shape[2] == int(batch["num_frames"].max())
+    assert batch["pad_values"].dtype == torch.float32
+    assert batch["tokens"].dtype == torch.int64 and batch["token_lengths"].dtype == torch.int64
+    for i, length in enumerate(batch["token_lengths"].tolist()):
+        assert (batch["tokens"][i, length:] == -100).all() and (
+            batch["tokens"][i, :length] >= 0
+        ).all()
+        frames = int(batch["num_frames"][i])
+        expected = torch.tensor(float(batch["pad_values"][i])).half()
+        assert (batch["features"][i, :, frames:] == expected).all()
+    assert len(batch["texts"]) == len(batch["sources"]) == size
+
+
+def test_same_epoch_and_seed_repeat_different_epochs_differ(uneven_split):
+    data = TrainData(uneven_split, config(), 0, 1)
+    first = batch_keys(data.batches(epoch=1))
+    assert first == batch_keys(data.batches(epoch=1))
+    assert first != batch_keys(data.batches(epoch=2))
+    other_seed = TrainData(uneven_split, config(seed=5), 0, 1)
+    assert first != batch_keys(other_seed.batches(epoch=1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_resume_yields_exactly_the_tail(uneven_split, num_workers):
+    data = TrainData(uneven_split, config(num_workers=num_workers, bucket_buffer=12), 1, 2)
+    full = list(data.batches(epoch=4))
+    total = data.batches_per_epoch()
+    assert len(full) == total
+    for start in sorted({1, 2, 3, 5, 7, total // 2, total - 1, total}):
+        tail = list(data.batches(epoch=4, start_batch=start))
+        assert [b["keys"] for b in tail] == [b["keys"] for b in full[start:]], start
+        for resumed, original in zip(tail, full[start:], strict=True):
+            for name in ("features", "pad_values", "num_frames", "tokens", "token_lengths"):
+                assert torch.equal(resumed[name], original[name])
+
+
+def test_resume_outside_the_epoch_is_refused(uneven_split):
+    data = TrainData(uneven_split, config(), 0, 1)
+    with pytest.raises(ValueError, match="start_batch"):
+        data.batches(epoch=0, start_batch=data.batches_per_epoch() + 1)
+
+
+def test_config_rejects_a_buffer_that_does_not_cut_into_whole_batches(uneven_split):
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        TrainData(uneven_split, config(batch_size=4, bucket_buffer=10), 0, 1)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_sees_each_sample_exactly_once(uneven_split, world, num_workers):
+    keys = []
+    for rank in range(world):
+        keys += [
+            k
+            for batch in eval_batches(uneven_split, config(num_workers=num_workers), rank, world)
+            for k in batch["keys"]
+        ]
+    assert sorted(keys) == sorted(all_keys(uneven_split))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_limit_takes_a_fixed_first_subset(uneven_split, world):
+    keys = []
+    for rank in range(world):
+        loader = eval_batches(uneven_split, config(eval_limit=20), rank, world)
+        assert len(list(loader)) == len(loader)
+        keys += [
+            k
+            for batch in eval_batches(uneven_split, config(eval_limit=20), rank, world)
+            for k in batch["keys"]
+        ]
+    assert sorted(keys) == all_keys(uneven_split)[:20]
+
+
+# --- padding helpers ---------------------------------------------------------------------------
+
+
+def test_pad_features_to_full_restores_each_samples_pad_value():
+    samples = [
+        {
+            "key": "a",
+            "features": np.ones((N_MELS, 5), np.float16),
+            "tokens": np.arange(3),
+            "pad_value": -0.3,
+            "text": "a",
+            "source": "s",
+        },
+        {
+            "key": "b",
+            "features": np.ones((N_MELS, 9), np.float16),
+            "tokens": np.arange(6),
+            "pad_value": 0.7,
+            "text": "b",
+            "source": "s",
+        },
+    ]
+    batch = collate(samples)
+    full = pad_features_to_full(batch["features"], batch["pad_values"], 3000, batch["num_frames"])
+    assert full.dtype == torch.float32 and full.shape == (2, N_MELS, 3000)
+    assert (full[0, :, :5] == 1).all() and (full[0, :, 5:] == torch.tensor(-0.3)).all()
+    assert (full[1, :, :9] == 1).all() and (full[1, :, 9:] == torch.tensor(0.7)).all()
+    rough = pad_features_to_full(batch["features"], batch["pad_values"])
+    assert (rough[0, :, 9:] == torch.tensor(-0.3)).all()  # past T: exact float32 pad value
+    assert torch.allclose(rough, full, atol=1e-3)
+
+
+# --- the demo shards: manifest checks and the effect of bucketing ------------------------------
+
+
+def test_check_split_accepts_the_matching_model(demo_shards):
+    manifest = load_manifest(demo_shards / "train")
+    n_mels, fingerprint = manifest["features"]["n_mels"], manifest["tokenizer"]["fingerprint"]
+    assert check_split(demo_shards / "train", n_mels, fingerprint) == manifest
+
+
+def test_check_split_names_both_mel_counts(demo_shards):
+    manifest = load_manifest(demo_shards / "train")
+    n_mels = manifest["features"]["n_mels"]
+    with pytest.raises(DataMismatchError) as error:
+        check_split(demo_shards / "train", n_mels + 48, manifest["tokenizer"]["fingerprint"])
+    assert f"n_mels={n_mels}" in str(error.value) and f"n_mels={n_mels + 48}" in str(error.value)
+
+
+def test_check_split_names_both_tokenizer_fingerprints(demo_shards):
+    manifest = load_manifest(demo_shards / "train")
+    theirs = manifest["tokenizer"]["fingerprint"]
+    with pytest.raises(DataMismatchError) as error:
+        check_split(demo_shards / "train", manifest["features"]["n_mels"], "0123456789abcdef")
+    assert theirs in str(error.value) and "0123456789abcdef" in str(error.value)
+
+
+def test_check_split_refuses_a_folder_that_is_not_a_built_split(tmp_path):
+    with pytest.raises(DataMismatchError, match="does not exist"):
+        check_split(tmp_path, 80, "x")
+    with pytest.raises(DataMismatchError, match="not a folder"):
+        check_split(tmp_path / "nothing", 80, "x")
+
+
+def test_bucketing_cuts_label_padding_on_demo_data(demo_shards):
+    def padded_token_slots(bucket_buffer: int) -> tuple[int, int]:
+        cfg = config(batch_size=8, bucket_buffer=bucket_buffer, num_workers=0)
+        batches = list(TrainData(demo_shards / "train", cfg, 0, 1).batches(epoch=0))
+        slots = sum(b["tokens"].numel() for b in batches)
+        real = sum(int(b["token_lengths"].sum()) for b in batches)
+        return slots, real
+
+    unbucketed, real = padded_token_slots(bucket_buffer=8)  # a buffer of one batch: no sorting
+    bucketed, same_real = padded_token_slots(bucket_buffer=64)
+    assert same_real == real
+    assert bucketed - real < 0.5 * (unbucketed - real), (bucketed, unbucketed, real)

@@ -1,0 +1,379 @@
+"""Batches for training and evaluation, streamed from the builder's tar shards.
+
+The order of an epoch is planned from the manifest alone (`trainer.sampling`): each rank reads a
+contiguous block of the epoch's shuffled shard stream, each DataLoader worker an equal
+sub-block of it, so every rank has exactly the same number of batches and no rank ever waits
+at a collective for one that ran out (the classic webdataset + DDP end-of-epoch hang). The
+price is at most `(world_size - 1) + world_size * (num_workers - 1)` samples left out per
+epoch (num_workers 0 counts as 1), different ones each epoch because the shard order changes.
+
+Resume is exact and cheap: `batches(epoch, start_batch)` yields exactly the batches from index
+`start_batch` on. Each worker skips whole bucket buffers without reading their data and
+rebuilds only the buffer it stopped in, so a resume never re-reads the epoch from its start.
+The position is valid for the same shards, world size, num_workers, batch size, bucket buffer
+and seed: `TrainData.order_signature()` names them for the checkpoint.
+
+Only torch, numpy, the standard library and `shard_builder.contract` are imported: the GPU
+machine has no audio or dataset libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shard_builder import contract
+from trainer import sampling
+
+IGNORE_INDEX = -100  # label padding the loss ignores (HF's convention)
+TAR_BLOCK = 512
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    shards: str = _help(
+        "folder holding one subfolder per split, as the builder wrote it", default=""
+    )
+    train_split: str = _help("split to train on (a subfolder of `shards`)", default="train")
+    eval_split: str = _help("split to evaluate on (a subfolder of `shards`)", default="test")
+    batch_size: int = _help("samples per device per micro-step", default=4)
+    num_workers: int = _help(
+        "DataLoader worker processes per rank (0 = load in the training process)", default=2
+    )
+    bucket_buffer: int = _help(
+        "samples gathered, sorted by token length and cut into batches; a multiple of "
+        "batch_size (larger: less padding, coarser shuffle)",
+        default=64,
+    )
+    prefetch_factor: int = _help("batches each worker prepares ahead", default=2)
+    pin_memory: bool = _help(
+        "pin batches in page-locked memory (only effective on CUDA)", default=True
+    )
+    seed: int = _help("seed of the shard and batch order (combined with the epoch)", default=0)
+    eval_limit: int | None = _help(
+        "evaluate only the first N samples of the eval split (a fixed subset)", default=None
+    )
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.bucket_buffer < 1:
+            raise ValueError("batch_size and bucket_buffer must be at least 1")
+        if self.bucket_buffer % self.batch_size:
+            raise ValueError(
+                f"bucket_buffer {self.bucket_buffer} is not a multiple of batch_size "
+                f"{self.batch_size}: a full buffer must cut into whole batches for exact resume"
+            )
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError("eval_limit must be at least 1 (or unset)")
+
+
+class DataMismatchError(ValueError):
+    """The shards were built for another model (mel bins, tokenizer) or are not a built split."""
+
+
+# --- checking a split against the model --------------------------------------------------------
+
+
+def check_split(split_dir: str | Path, n_mels: int, tokenizer_fingerprint: str) -> dict[str, Any]:
+    """The split's manifest, once it is known to fit a model with these mel bins and tokenizer."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataMismatchError(f"{split_dir} is not a folder: no built split there")
+    try:
+        manifest = contract.load_manifest(split_dir)
+    except contract.ContractError as error:
+        raise DataMismatchError(str(error)) from None
+    shard_mels = manifest["features"]["n_mels"]
+    if shard_mels != n_mels:
+        raise DataMismatchError(
+            f"{split_dir} holds features with n_mels={shard_mels} but the model expects "
+            f"n_mels={n_mels}: rebuild the shards with this model's feature extractor"
+        )
+    tokenizer = manifest["tokenizer"]
+    if tokenizer["fingerprint"] != tokenizer_fingerprint:
+        raise DataMismatchError(
+            f"{split_dir} was tokenised with tokenizer fingerprint {tokenizer['fingerprint']} "
+            f"({tokenizer.get('name_or_path')}) but the model's tokenizer has fingerprint "
+            f"{tokenizer_fingerprint}: rebuild the shards with this model's tokenizer"
+        )
+    for shard in manifest["shards"]:
+        path = split_dir / shard["name"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise DataMismatchError(
+                f"{path}: missing or not the {shard['bytes']} bytes the manifest records; "
+                "run scripts/check_shards.py on the split"
+            )
+    return manifest
+
+
+# --- reading samples out of tar shards ---------------------------------------------------------
+
+
+def iter_tar_members(handle) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each member, reading only the 512-byte headers."""
+    offset = 0
+    while True:
+        handle.seek(offset)
+        header = handle.read(TAR_BLOCK)
+        if not header or header.count(0) == TAR_BLOCK:
+            return  # end of archive
+        if len(header) < TAR_BLOCK:
+            raise contract.ContractError(f"{handle.name}: cut inside a tar header at {offset}")
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        if not info.isreg():
+            raise contract.ContractError(f"{handle.name}: unexpected tar member {info.name!r}")
+        yield info.name, offset + TAR_BLOCK, info.size
+        offset += TAR_BLOCK + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+
+
+def iter_shard_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of samples [start, stop) of one shard; earlier samples' data is not read."""
+    with open(path, "rb") as handle:
+        index, key, members = -1, None, {}
+        for name, offset, size in iter_tar_members(handle):
+            member_key, _, suffix = name.partition(".")
+            if member_key != key:
+                if key is not None and index >= start:
+                    yield key, members
+                index, key, members = index + 1, member_key, {}
+                if index >= stop:
+                    return
+            if index >= start:
+                handle.seek(offset)
+                members[suffix] = handle.read(size)
+        if key is not None and start <= index < stop:
+            yield key, members
+        if index + 1 < stop:
+            raise contract.ContractError(
+                f"{path} holds {index + 1} samples, fewer than the {stop} the manifest promises"
+            )
+
+
+def decode_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
+    missing = set(contract.MEMBERS) - set(members)
+    if missing:
+        raise contract.ContractError(f"sample {key} lacks member(s) {sorted(missing)}")
+    meta = json.loads(members[contract.META_MEMBER])
+    return {
+        "key": key,
+        "features": contract.npy_from_bytes(members[contract.MEL_MEMBER]),
+        "tokens": contract.npy_from_bytes(members[contract.TOKENS_MEMBER]),
+        "pad_value": float(meta["pad_value"]),
+        "text": meta["text"],
+        "source": meta["source"],
+    }
+
+
+def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Iterator[dict]:
+    for span in spans:
+        path = split_dir / shard_names[span.shard]
+        for key, members in iter_shard_samples(path, span.start, span.stop):
+            yield decode_sample(key, members)
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad features to the batch's longest stored frames (each with its own pad value) and
+    tokens with -100. Features stay float16 here; the device pads them to 3000 frames."""
+    num_frames = [sample["features"].shape[1] for sample in samples]
+    token_lengths = [len(sample["tokens"]) for sample in samples]
+    n_mels = samples[0]["features"].shape[0]
+    features = np.empty((len(samples), n_mels, max(num_frames)), dtype=np.float16)
+    tokens = np.full((len(samples), max(token_lengths)), IGNORE_INDEX, dtype=np.int64)
+    for i, sample in enumerate(samples):
+        features[i, :, : num_frames[i]] = sample["features"]
+        features[i, :, num_frames[i] :] = sample["pad_value"]
+        tokens[i, : token_lengths[i]] = sample["tokens"]
+    return {
+        "features": torch.from_numpy(features),
+        "pad_values": torch.tensor([s["pad_value"] for s in samples], dtype=torch.float32),
+        "num_frames": torch.tensor(num_frames, dtype=torch.int64),
+        "tokens": torch.from_numpy(tokens),
+        "token_lengths": torch.tensor(token_lengths, dtype=torch.int64),
+        "keys": [s["key"] for s in samples],
+        "texts": [s["text"] for s in samples],
+        "sources": [s["source"] for s in samples],
+    }
+
+
+def pad_features_to_full(
+    features: torch.Tensor,
+    pad_values: torch.Tensor,
+    max_frames: int = contract.MAX_FRAMES,
+    num_frames: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, n_mels, T] stored frames -> float32 [B, n_mels, max_frames], as the extractor pads.
+
+    Frames past T take each sample's float32 pad value. With `num_frames`, the frames the
+    collate padded in float16 (between a sample's own length and T) are also reset to the
+    exact float32 pad value, so the result does not depend on which batch a sample landed in.
+    """
+    batch, n_mels, frames = features.shape
+    if frames > max_frames:
+        raise ValueError(f"features hold {frames} frames, more than max_frames={max_frames}")
+    pad = pad_values.to(device=features.device, dtype=torch.float32)[:, None, None]
+    full = pad.expand(batch, n_mels, max_frames).clone()
+    full[:, :, :frames] = features
+    if num_frames is not None:
+        positions = torch.arange(max_frames, device=features.device)
+        is_pad = positions[None, None, :] >= num_frames.to(features.device)[:, None, None]
+        full = torch.where(is_pad, pad, full)
+    return full
+
+
+def worker_batches(
+    split_dir: Path, shard_names: Sequence[str], plan: sampling.WorkerPlan, config: DataConfig
+) -> Iterator[dict[str, Any]]:
+    """One worker's collated batches; whole buffers before `plan.first_batch` are never read."""
+    per_buffer = config.bucket_buffer // config.batch_size
+    first_buffer, skip_in_buffer = divmod(plan.first_batch, per_buffer)
+    spans = sampling.skip_samples(plan.spans, first_buffer * config.bucket_buffer)
+    samples = iter_span_samples(split_dir, shard_names, spans)
+    for buffer_index in count(first_buffer):
+        buffer = list(islice(samples, config.bucket_buffer))
+        if not buffer:
+            return
+        rng = sampling.buffer_rng(plan.rng_key, buffer_index)
+        lengths = [len(sample["tokens"]) for sample in buffer]
+        batches = sampling.bucket_batches(lengths, config.batch_size, rng)
+        if buffer_index == first_buffer:
+            batches = batches[skip_in_buffer:]
+        for indices in batches:
+            yield collate([buffer[i] for i in indices])
+
+
+class PlannedBatches(IterableDataset):
+    """Each DataLoader worker yields the batches of its own plan (worker i -> plans[i])."""
+
+    def __init__(self, split_dir, shard_names, plans, config: DataConfig, length: int) -> None:
+        self.split_dir, self.shard_names, self.plans = Path(split_dir), list(shard_names), plans
+        self.config, self.length = config, length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        assert num_workers == len(self.plans), (num_workers, len(self.plans))
+        yield from worker_batches(self.split_dir, self.shard_names, self.plans[worker], self.config)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def make_loader(dataset: PlannedBatches, config: DataConfig) -> DataLoader:
+    # batch_size=None: workers yield whole batches, taken round robin (worker 0, 1, ..., 0, ...)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=config.num_workers,
+        pin_memory=config.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=config.prefetch_factor if config.num_workers > 0 else None,
+        in_order=True,
+    )
+
+
+def shard_sizes_and_names(manifest: dict[str, Any]) -> tuple[list[int], list[str]]:
+    return (
+        [shard["num_samples"] for shard in manifest["shards"]],
+        [shard["name"] for shard in manifest["shards"]],
+    )
+
+
+class TrainData:
+    """The training split for one rank: equal batch counts on every rank, exact resume."""
+
+    def __init__(self, split_dir, config: DataConfig, rank: int, world_size: int) -> None:
+        config.validate()
+        self.split_dir, self.config = Path(split_dir), config
+        self.rank, self.world_size = rank, world_size
+        self.manifest = contract.load_manifest(self.split_dir)
+        self.shard_sizes, self.shard_names = shard_sizes_and_names(self.manifest)
+        self.samples_per_worker = sampling.samples_per_worker(
+            sum(self.shard_sizes), world_size, config.num_workers
+        )
+        if self.samples_per_worker < 1:
+            raise ValueError(
+                f"{self.split_dir} holds {sum(self.shard_sizes)} samples, too few for "
+                f"{world_size} rank(s) x {sampling.effective_workers(config.num_workers)} "
+                "loader worker(s)"
+            )
+
+    def batches_per_epoch(self) -> int:
+        per_worker = sampling.batches_for(
+            self.samples_per_worker, self.config.bucket_buffer, self.config.batch_size
+        )
+        return per_worker * sampling.effective_workers(self.config.num_workers)
+
+    def samples_per_epoch(self) -> int:
+        """Samples this rank trains on each epoch (the same on every rank)."""
+        return self.samples_per_worker * sampling.effective_workers(self.config.num_workers)
+
+    def dropped_per_epoch(self) -> int:
+        return sum(self.shard_sizes) - self.samples_per_epoch() * self.world_size
+
+    def order_signature(self) -> dict[str, Any]:
+        """What a (epoch, batch) position depends on: store it, refuse a resume that differs."""
+        return {
+            "shards": [[shard["name"], shard["sha256"]] for shard in self.manifest["shards"]],
+            "world_size": self.world_size,
+            "loader_workers": sampling.effective_workers(self.config.num_workers),
+            "batch_size": self.config.batch_size,
+            "bucket_buffer": self.config.bucket_buffer,
+            "seed": self.config.seed,
+        }
+
+    def batches(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """This rank's batches of `epoch` from index `start_batch` on, loaded by workers."""
+        total = self.batches_per_epoch()
+        if not 0 <= start_batch <= total:
+            raise ValueError(f"start_batch {start_batch} outside [0, {total}] for this epoch")
+        plans = sampling.train_worker_plans(
+            self.shard_sizes,
+            seed=self.config.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.config.num_workers,
+            start_batch=start_batch,
+        )
+        dataset = PlannedBatches(
+            self.split_dir, self.shard_names, plans, self.config, total - start_batch
+        )
+        return make_loader(dataset, self.config)
+
+
+def eval_batches(split_dir, config: DataConfig, rank: int, world_size: int) -> DataLoader:
+    """Each sample of the eval split (or its first `eval_limit`) exactly once across ranks.
+
+    Ranks may get different batch counts: evaluation gathers its results once at the end.
+    """
+    config.validate()
+    manifest = contract.load_manifest(split_dir)
+    shard_sizes, shard_names = shard_sizes_and_names(manifest)
+    plans = sampling.eval_worker_plans(
+        shard_sizes,
+        limit=config.eval_limit,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.num_workers,
+    )
+    length = sum(
+        sampling.batches_for(plan.num_samples, config.bucket_buffer, config.batch_size)
+        for plan in plans
+    )
+    return make_loader(PlannedBatches(split_dir, shard_names, plans, config, length), config)
