@@ -19,11 +19,30 @@ TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
 DEMO_SHARD_SIZE = 64  # small shards so the demo corpus spans several per split
 
 
-def build_shards(out: Path, model: Path | str = TINY_MODEL, *extra: str, workers: int = 1):
+def build_shards(
+    out: Path,
+    model: Path | str = TINY_MODEL,
+    *extra: str,
+    workers: int = 1,
+    dataset: Path = DEMO_CORPUS,
+):
     """Run the real builder entry point; returns the completed process."""
-    command = [sys.executable, "-m", "shard_builder", "--dataset", str(DEMO_CORPUS),
-               "--model", str(model), "--out", str(out), "--workers", str(workers),
-               "--shard-size", str(DEMO_SHARD_SIZE), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "shard_builder",
+        "--dataset",
+        str(dataset),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--shard-size",
+        str(DEMO_SHARD_SIZE),
+        *extra,
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
