@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from shard_builder.audio import RejectedRow
@@ -30,10 +32,15 @@ class TargetEncoder:
             )
         return np.asarray(ids, dtype=np.int32)
 
-    def identity(self) -> dict:
+    @functools.cached_property
+    def _identity(self) -> dict:
+        # Hashing a 50k-entry vocabulary takes a noticeable fraction of a second: do it once.
         return {
             "name_or_path": self.tokenizer.name_or_path,
             "fingerprint": tokenizer_fingerprint(self.tokenizer.get_vocab()),
             "vocab_size": len(self.tokenizer),
             "eot_id": self.eot_id,
         }
+
+    def identity(self) -> dict:
+        return dict(self._identity)
