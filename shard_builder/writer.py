@@ -7,6 +7,7 @@ number of worker processes and however often the build was interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -83,8 +84,10 @@ class ShardWriter:
         return entry
 
     def abort(self) -> None:
-        self._tar.close()
-        self._handle.close()
+        """Drop the partial shard. Write nothing more to it: on a full disk, finishing the tar
+        or flushing fails again, and an error here would leave the temporary file behind."""
+        with contextlib.suppress(OSError):  # the error that made us abort is the one to report
+            self._handle.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
