@@ -325,9 +325,17 @@ def finish_split(
     reject_lines = "".join(
         json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects
     )
-    atomic_write_bytes(split_dir / REJECTS_NAME, reject_lines.encode())
-    manifest = make_manifest(config, split, ordered, rejects, num_rows)
-    atomic_write_json(split_dir / MANIFEST_NAME, manifest)  # last: its presence means complete
+    try:
+        atomic_write_bytes(split_dir / REJECTS_NAME, reject_lines.encode())
+        manifest = make_manifest(config, split, ordered, rejects, num_rows)
+        atomic_write_json(split_dir / MANIFEST_NAME, manifest)  # last: its presence means complete
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise BuildError(
+            f"disk full while writing {split}/{MANIFEST_NAME} under {config.out}: every shard is "
+            "complete and kept; free space and run the same command again"
+        ) from None
     return {
         "complete": True,
         **{
