@@ -1,0 +1,321 @@
+"""Evaluation: batched decoding on the shards, split across ranks, WER on rank 0.
+
+Used during training (`evaluate_split`) and as a command line tool:
+
+    python -m trainer.evaluate --model runs/turbo-de/best --shards /raid/shards/test
+    torchrun --nproc_per_node=2 -m trainer.evaluate --model openai/whisper-large-v3-turbo ...
+
+--model is any Whisper folder or hub id, or a CTranslate2 export (a folder holding model.bin),
+decoded through trainer.ct2_backend so both can be compared on the same shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shard_builder import contract
+from trainer import distributed
+from trainer.data import DataConfig, check_split, eval_batches, pad_features_to_full
+from trainer.distributed import Dist
+from trainer.metrics import format_report, utterance_wer, wer_report
+
+
+def _help(text: str, **kwargs: Any):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = _help(
+        "evaluate every N optimiser steps (and at the end; 0 = only at the end)", default=1000
+    )
+    eval_batch_size: int = _help("samples per device per decoding batch", default=8)
+    beam_size: int = _help("1 = greedy decoding; more = beam search", default=1)
+    max_new_tokens: int = _help("longest transcript generated, in tokens", default=225)
+    best_metric: str = _help(
+        "metric that picks RUN/best: wer_normalised or wer_orthographic (lower is better)",
+        default="wer_normalised",
+    )
+    eval_at_start: bool = _help(
+        "also evaluate before the first step (the baseline WER)", default=False
+    )
+
+
+# --- decoders: features padded to 3000 frames in, text token ids out --------------------------
+
+
+class HFDecoder:
+    """Whisper generate() with language and task forced and no timestamps."""
+
+    def __init__(self, model, tokenizer, language: str, task: str, precision: str) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.language, self.task, self.precision = language, task, precision
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(self, features: torch.Tensor, max_new_tokens: int, beam_size: int) -> list[str]:
+        from trainer.optim import autocast
+
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), autocast(self.precision, self.device):
+            sequences = self.model.generate(
+                input_features=features,
+                language=self.language,
+                task=self.task,
+                return_timestamps=False,
+                num_beams=beam_size,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+            )
+        self.model.train(was_training)
+        if not isinstance(sequences, torch.Tensor):
+            sequences = sequences["sequences"]
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+
+
+class CT2Decoder:
+    """A CTranslate2 export (trainer.ct2_backend), imported only when one is evaluated."""
+
+    def __init__(self, folder: str, device: str, language: str, task: str) -> None:
+        from tokenizers import Tokenizer
+
+        from trainer.ct2_backend import CT2Transcriber
+
+        self.transcriber = CT2Transcriber(folder, device="cuda" if device == "cuda" else "cpu")
+        self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
+        self.prefix = [self.tokenizer.token_to_id(name) for name in names]
+        if None in self.prefix:
+            raise ValueError(f"{folder}/tokenizer.json lacks one of {names}")
+        self.device = torch.device("cpu")  # features go to CTranslate2 as numpy
+
+    def __call__(self, features: torch.Tensor, max_new_tokens: int, beam_size: int) -> list[str]:
+        ids = self.transcriber.generate_tokens(
+            features.float().cpu().numpy(),
+            prefix_tokens=self.prefix,
+            max_length=max_new_tokens,
+            beam_size=beam_size,
+        )
+        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+
+
+# --- evaluation over a split ------------------------------------------------------------------
+
+
+def batch_durations(batch: dict[str, Any]) -> list[float]:
+    """Audio seconds per sample: the shard json's duration when the loader passes it on,
+    else estimated from the stored frames (which overcount the audio by at most ~12 ms)."""
+    if "durations" in batch:
+        return [float(d) for d in batch["durations"]]
+    hop = contract.HOP_LENGTH / contract.SAMPLING_RATE
+    return [max(0.0, (int(n) - 1) * hop) for n in batch["num_frames"]]
+
+
+def evaluate_split(
+    decoder,
+    split_dir: str | Path,
+    data_config: DataConfig,
+    info: Dist,
+    batch_size: int,
+    max_new_tokens: int,
+    beam_size: int = 1,
+    progress: bool = False,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Decode every sample once across ranks; rank 0 gets (report, utterances), others None.
+
+    Ranks may hold different batch counts (eval_batches): nothing collective happens until the
+    single gather at the end, so no rank waits inside the loop.
+    """
+    config = replace(
+        data_config,
+        batch_size=batch_size,
+        bucket_buffer=batch_size * max(1, data_config.bucket_buffer // batch_size),
+    )
+    started = time.perf_counter()
+    utterances: list[dict[str, Any]] = []
+    loader = eval_batches(split_dir, config, info.rank, info.world_size)
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="eval", unit="batch", leave=False)
+    for batch in loader:
+        features = pad_features_to_full(
+            batch["features"].to(decoder.device),
+            batch["pad_values"],
+            num_frames=batch["num_frames"],
+        )
+        hypotheses = decoder(features, max_new_tokens, beam_size)
+        for key, text, source, hyp, seconds in zip(
+            batch["keys"],
+            batch["texts"],
+            batch["sources"],
+            hypotheses,
+            batch_durations(batch),
+            strict=True,
+        ):
+            utterances.append(
+                {
+                    "key": key,
+                    "source": source,
+                    "reference": text,
+                    "hypothesis": hyp.strip(),
+                    "duration": seconds,
+                }
+            )
+    gathered = distributed.gather_objects(info, utterances)
+    wall = time.perf_counter() - started
+    if not info.is_main:
+        return None, []
+    utterances = sorted((u for part in gathered for u in part), key=lambda u: u["key"])
+    keys = [u["key"] for u in utterances]
+    if len(set(keys)) != len(keys):
+        raise AssertionError("an eval sample was decoded twice across ranks")
+    report = wer_report(
+        [u["reference"] for u in utterances],
+        [u["hypothesis"] for u in utterances],
+        [u["source"] for u in utterances],
+    )
+    audio = sum(u["duration"] for u in utterances)
+    report.update(
+        {
+            "audio_seconds": audio,
+            "wall_seconds": wall,
+            "real_time_factor": wall / audio if audio else float("nan"),
+            "world_size": info.world_size,
+            "beam_size": beam_size,
+        }
+    )
+    return report, utterances
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate",
+        description="WER of a Whisper model (HF folder, hub id or CTranslate2 export) on a "
+        "split of shards; orthographic and normalised, per source.",
+    )
+    parser.add_argument("--model", required=True, help="Whisper folder, hub id, or CT2 folder")
+    parser.add_argument("--shards", required=True, help="one split's folder, e.g. SHARDS/test")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per decoding batch")
+    parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=225, help="longest transcript")
+    parser.add_argument("--language", default="de")
+    parser.add_argument("--task", default="transcribe")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or fp32 (HF models)",
+    )
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per rank")
+    parser.add_argument("--output", default=None, help="write the report (JSON) here")
+    parser.add_argument(
+        "--worst",
+        type=int,
+        default=20,
+        help="list the N utterances with the highest WER (0 = none)",
+    )
+    return parser.parse_args(argv)
+
+
+def load_decoder(args: argparse.Namespace, info: Dist):
+    """(decoder, n_mels, tokenizer fingerprint) for an HF model or a CTranslate2 export."""
+    folder = Path(args.model)
+    if (folder / "model.bin").is_file():
+        decoder = CT2Decoder(args.model, info.device.type, args.language, args.task)
+        extractor = json.loads((folder / "preprocessor_config.json").read_text())
+        vocab = decoder.tokenizer.get_vocab(with_added_tokens=True)
+        return decoder, int(extractor["feature_size"]), contract.tokenizer_fingerprint(vocab)
+    from trainer.model import ModelConfig, load_model
+    from trainer.optim import resolve_precision
+
+    model, processor = load_model(
+        ModelConfig(
+            name_or_path=args.model,
+            language=args.language,
+            task=args.task,
+            gradient_checkpointing=False,
+        ),
+        for_training=False,
+    )
+    model.to(info.device).eval()
+    precision = resolve_precision(args.precision, info.device)
+    decoder = HFDecoder(model, processor.tokenizer, args.language, args.task, precision)
+    fingerprint = contract.tokenizer_fingerprint(processor.tokenizer.get_vocab())
+    return decoder, model.config.num_mel_bins, fingerprint
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = distributed.setup_distributed(args.device)
+    try:
+        decoder, n_mels, fingerprint = load_decoder(args, info)
+        try:
+            check_split(args.shards, n_mels, fingerprint)
+        except ValueError as error:
+            distributed.print0(info, f"error: {error}")
+            return 2
+        data_config = DataConfig(
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            bucket_buffer=args.batch_size,
+            eval_limit=args.limit,
+        )
+        report, utterances = evaluate_split(
+            decoder,
+            args.shards,
+            data_config,
+            info,
+            args.batch_size,
+            args.max_new_tokens,
+            args.beam_size,
+            progress=True,
+        )
+        if info.is_main:
+            kind = "ctranslate2" if isinstance(decoder, CT2Decoder) else "transformers"
+            report = {"model": args.model, "backend": kind, "shards": args.shards, **report}
+            print(f"model: {args.model} ({kind})   shards: {args.shards}")
+            print(format_report(report))
+            for u in utterances:
+                u["wer_normalised"] = utterance_wer(u["reference"], u["hypothesis"])
+            if args.worst:
+                worst = sorted(utterances, key=lambda u: -_nan_low(u["wer_normalised"]))
+                report["worst"] = worst[: args.worst]
+                print(f"\nworst {len(report['worst'])} utterances (normalised WER):")
+                for u in report["worst"]:
+                    print(
+                        f"  {100 * u['wer_normalised']:6.1f} %  {u['key']}\n"
+                        f"     ref: {u['reference']}\n     hyp: {u['hypothesis']}"
+                    )
+            report["utterances"] = utterances
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+                print(f"report written to {args.output}")
+        return 0
+    finally:
+        distributed.cleanup_distributed()
+
+
+def _nan_low(value: float) -> float:
+    return -1.0 if value != value else value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

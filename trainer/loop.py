@@ -1,0 +1,555 @@
+"""The training loop, top to bottom: setup / train / evaluate / save_checkpoint / cleanup.
+
+One process per device (torchrun), or a single plain process. Everything a resumed run needs
+to continue bit-exactly (weights, AdamW moments, scaler, scheduler, RNG states of every rank,
+the data position) goes into each checkpoint; see checkpoint.py for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from shard_builder import contract
+from trainer import checkpoint as ckpt
+from trainer import distributed
+from trainer.config import TrainConfig, write_config
+from trainer.data import TrainData, check_split, pad_features_to_full
+from trainer.distributed import Dist
+from trainer.evaluate import HFDecoder, evaluate_split
+from trainer.metrics import RunLogger, format_report
+from trainer.model import decoder_inputs_and_labels, load_model, token_loss
+from trainer.optim import (
+    TrainingDiverged,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    check_overflow,
+    make_scaler,
+    resolve_precision,
+)
+
+# Test hooks (read once at setup): make rank 0's loss infinite on the given optimiser step,
+# or SIGKILL rank 0 half-way through the given step.
+INF_HOOK = "TRAINER_DEBUG_INF_AT_STEP"
+KILL_HOOK = "TRAINER_DEBUG_KILL_AT_STEP"
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint restores. `epoch`/`batch_in_epoch` name the next batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int = -1
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    info: Dist
+    run_dir: Path
+    logger: RunLogger
+    model: Any  # the unwrapped WhisperForConditionalGeneration (save, generate)
+    ddp: Any  # what the forward goes through: DDP(model), or the model itself
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    precision: str
+    train_data: TrainData
+    eval_dir: Path
+    total_steps: int
+    state: TrainState
+    hooks: dict[str, int]
+
+
+def main(config: TrainConfig) -> int:
+    try:
+        run = setup(config)
+    except ValueError as error:  # shards that do not fit, a resume that cannot be exact, ...
+        print(f"error: {error}", flush=True)
+        distributed.cleanup_distributed()
+        return 2
+    try:
+        train(run)
+    except TrainingDiverged as error:
+        run.logger.logger.error("%s", error)
+        return 3
+    finally:
+        cleanup(run)
+    return 0
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def setup(config: TrainConfig) -> Run:
+    info = distributed.setup_distributed(config.device)
+    run_dir = Path(config.output_dir)
+    logger = RunLogger(run_dir, info.rank, config.log)
+    _quiet_transformers()
+    logger.info("rank %d of %d on %s", info.rank, info.world_size, info.device)
+
+    model, processor = load_model(config.model)
+    tokenizer = processor.tokenizer
+    fingerprint = contract.tokenizer_fingerprint(tokenizer.get_vocab())
+    shards = Path(config.data.shards)
+    # Refuse shards made for another model before any step is taken on them.
+    check_split(shards / config.data.train_split, model.config.num_mel_bins, fingerprint)
+    eval_dir = shards / config.data.eval_split
+    check_split(eval_dir, model.config.num_mel_bins, fingerprint)
+
+    precision = resolve_precision(config.optim.precision, info.device)
+    train_data = TrainData(
+        shards / config.data.train_split, config.data, info.rank, info.world_size
+    )
+    per_epoch = train_data.batches_per_epoch() // config.optim.grad_accum
+    if per_epoch < 1 and config.optim.max_steps == 0:
+        raise ValueError("an epoch holds fewer batches than grad_accum: set max_steps")
+    total_steps = config.optim.max_steps or math.ceil(config.optim.epochs * per_epoch)
+
+    state = TrainState()
+    latest = ckpt.latest_checkpoint(run_dir) if config.checkpoint.resume else None
+    if info.is_main:
+        ckpt.remove_temporaries(run_dir)
+    rng_states = None
+    optimizer_state = training = None
+    if latest is not None:
+        training, optimizer_state, rng_states = ckpt.load_training_files(latest)
+        _check_same_data_order(training["data_signature"], train_data.order_signature(), latest)
+        ckpt.load_model_weights(model, latest)
+        state = TrainState(**{k: training[k] for k in asdict(TrainState())})
+        logger.info(
+            "resuming from %s: step %d, epoch %d, batch %d of the epoch",
+            latest,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+    elif info.is_main:
+        logger.info("starting a new run in %s", run_dir)
+
+    model.to(info.device)
+    model.train()
+    ddp = model
+    if info.enabled:
+        ddp = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        trainable, config.optim, info.device, config.optim.zero1 and info.enabled
+    )
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    scaler = make_scaler(precision, info.device)
+    if latest is not None:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(training["scheduler"])
+        if scaler is not None and training.get("scaler"):
+            scaler.load_state_dict(training["scaler"])
+        # Last, so nothing above draws from the restored streams.
+        restore = rng_states[info.rank % len(rng_states)]
+        ckpt.restore_rng(restore)
+    else:
+        random.seed(config.seed + info.rank)
+        np.random.seed(config.seed + info.rank)
+        torch.manual_seed(config.seed + info.rank)
+
+    if info.is_main:
+        write_config(config, run_dir / "config.json")
+        logger.info(
+            "%s: %.1fM parameters (%.1fM trainable), precision %s, %d rank(s) x batch %d x "
+            "accumulation %d = %d samples per step; %d batches per epoch per rank, %d steps",
+            config.model.name_or_path,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            sum(p.numel() for p in trainable) / 1e6,
+            precision,
+            info.world_size,
+            config.data.batch_size,
+            config.optim.grad_accum,
+            info.world_size * config.data.batch_size * config.optim.grad_accum,
+            train_data.batches_per_epoch(),
+            total_steps,
+        )
+    hooks = {name: int(os.environ[name]) for name in (INF_HOOK, KILL_HOOK) if name in os.environ}
+    return Run(
+        config,
+        info,
+        run_dir,
+        logger,
+        model,
+        ddp,
+        processor,
+        optimizer,
+        scheduler,
+        scaler,
+        precision,
+        train_data,
+        eval_dir,
+        total_steps,
+        state,
+        hooks,
+    )
+
+
+def _check_same_data_order(saved: dict, current: dict, folder: Path) -> None:
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        raise ValueError(
+            f"{folder} was written with a different data order ({', '.join(differing)} "
+            "changed), so its data position means other samples here. Resume with the same "
+            "shards, number of ranks, loader workers, batch size, bucket buffer and seed, or "
+            "start a new run folder."
+        )
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate() warns on every eval batch otherwise
+    hf_logging.disable_progress_bar()  # save_pretrained's bar would cut through ours
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def batch_stream(train_data: TrainData, epoch: int, start_batch: int):
+    """(epoch, batch index, batch) from a data position on, across epoch boundaries."""
+    while True:
+        for index, batch in enumerate(train_data.batches(epoch, start_batch), start_batch):
+            yield epoch, index, batch
+        epoch, start_batch = epoch + 1, 0
+
+
+def train(run: Run) -> None:
+    config, info, state = run.config, run.info, run.state
+    accum = config.optim.grad_accum
+    per_epoch = run.train_data.batches_per_epoch()
+    stream = batch_stream(run.train_data, state.epoch, state.batch_in_epoch)
+    pad_id = run.model.config.pad_token_id
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
+    sample_log = _open_sample_log(run) if config.log.sample_log else None
+    window = _Window()
+    bar = _progress_bar(run)
+    started = time.perf_counter()
+    start_step = state.step
+
+    if config.eval.eval_at_start and state.step == 0:
+        evaluate(run)
+
+    while state.step < run.total_steps:
+        step_started = time.perf_counter()
+        loss_sum, tokens, samples, keys = 0.0, 0, 0, []
+        for micro in range(accum):
+            waited = time.perf_counter()
+            # DataLoader draws its worker seed from the global torch RNG whenever an epoch's
+            # loader starts; fork so dropout's stream does not depend on where a run resumed.
+            with torch.random.fork_rng(devices=[]):
+                epoch, index, batch = next(stream)
+            window.data_wait += time.perf_counter() - waited
+            keys.extend(batch["keys"])
+            features = pad_features_to_full(
+                batch["features"].to(info.device, non_blocking=True),
+                batch["pad_values"],
+                num_frames=batch["num_frames"],
+            )
+            inputs, labels = decoder_inputs_and_labels(batch["tokens"].to(info.device), pad_id)
+            last_micro = micro == accum - 1
+            # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+            sync = nullcontext() if last_micro or run.ddp is run.model else run.ddp.no_sync()
+            with sync:
+                with autocast(run.precision, info.device):
+                    logits = run.ddp(input_features=features, decoder_input_ids=inputs).logits
+                summed, count = token_loss(logits, labels)
+                loss = summed / count.clamp(min=1) / accum
+                if last_micro and info.is_main and run.hooks.get(INF_HOOK) == state.step + 1:
+                    loss = loss * float("inf")  # test hook: an overflow on one rank only
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
+            if micro == 0 and info.is_main and run.hooks.get(KILL_HOOK) == state.step + 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-step
+            loss_sum += summed.item()
+            tokens += int(count.item())
+            samples += len(batch["keys"])
+        # The position of the next batch is what a checkpoint after this step must restore.
+        state.epoch, state.batch_in_epoch = (
+            (epoch + 1, 0) if index + 1 >= per_epoch else (epoch, index + 1)
+        )
+
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        # Gradients are all-reduced, so every rank sees the same norm; the explicit all-reduce
+        # of the flag makes the skip decision identical even if that ever stopped being true.
+        found_inf = distributed.any_rank(info, not bool(torch.isfinite(grad_norm)))
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)  # skips the update itself when it saw inf/NaN
+            run.scaler.update()
+        elif not found_inf:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        state.step += 1
+        state.consecutive_skips = state.consecutive_skips + 1 if found_inf else 0
+        state.skipped_steps += int(found_inf)
+        state.samples_seen += samples * info.world_size
+        state.tokens_seen += tokens * info.world_size
+        if found_inf:
+            run.logger.warning(
+                "step %d: inf/NaN gradients, optimiser step skipped (%d so far)",
+                state.step,
+                state.skipped_steps,
+            )
+        if sample_log is not None:
+            sample_log.write(
+                json.dumps(
+                    {
+                        "step": state.step,
+                        "keys": keys,
+                        "skipped": found_inf,
+                        "loss": loss_sum / max(1, tokens),
+                    }
+                )
+                + "\n"
+            )
+        scale = run.scaler.get_scale() if run.scaler is not None else None
+        check_overflow(state.step, state.consecutive_skips, scale, config.optim)
+
+        window.add(
+            loss_sum,
+            tokens,
+            samples,
+            time.perf_counter() - step_started,
+            None if found_inf else float(grad_norm),
+        )
+        if bar is not None:
+            bar.update(1)
+        if state.step % config.log.log_every == 0 or state.step == run.total_steps:
+            metrics = window.flush(info)
+            metrics.update(
+                lr=run.scheduler.get_last_lr()[0],
+                loss_scale=scale,
+                skipped_steps=state.skipped_steps,
+                epoch=state.epoch,
+            )
+            if info.device.type == "cuda":
+                metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            run.logger.scalars(state.step, metrics)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            else:
+                run.logger.info("step %d: %s", state.step, _brief(metrics))
+
+        last = state.step == run.total_steps
+        every = config.eval.eval_every
+        if last or (every > 0 and state.step % every == 0):
+            evaluate(run)
+        if last or state.step % config.checkpoint.save_every == 0:
+            save_checkpoint(run)
+
+    stream.close()
+    if bar is not None:
+        bar.close()
+    if sample_log is not None:
+        sample_log.close()
+    elapsed = time.perf_counter() - started
+    steps_done = state.step - start_step
+    run.logger.info(
+        "done: %d steps (%d this session in %.0f s, %.2f s/step), %d skipped, %d samples seen; "
+        "best %s %s at step %d; best model in %s",
+        state.step,
+        steps_done,
+        elapsed,
+        elapsed / max(1, steps_done),
+        state.skipped_steps,
+        state.samples_seen,
+        config.eval.best_metric,
+        "n/a" if state.best_metric is None else f"{100 * state.best_metric:.2f} %",
+        state.best_step,
+        run.run_dir / ckpt.BEST,
+    )
+
+
+class _Window:
+    """Sums over the steps since the last log line (local to this rank until flushed)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.tokens = self.samples = self.seconds = self.data_wait = 0.0
+        self.norms: list[float] = []
+        self.steps = 0
+
+    def add(
+        self, loss: float, tokens: int, samples: int, seconds: float, norm: float | None
+    ) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.samples += samples
+        self.seconds += seconds
+        self.steps += 1
+        if norm is not None:
+            self.norms.append(norm)
+
+    def flush(self, info: Dist) -> dict[str, float]:
+        loss, tokens, samples, wait = distributed.all_reduce_sum(
+            info, [self.loss, self.tokens, self.samples, self.data_wait]
+        )
+        seconds = max(self.seconds, 1e-9)
+        metrics = {
+            "loss": loss / max(1.0, tokens),  # mean per target token over all ranks
+            "grad_norm": sum(self.norms) / len(self.norms) if self.norms else float("nan"),
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "data_wait_fraction": wait / info.world_size / seconds,
+            "step_seconds": seconds / max(1, self.steps),
+        }
+        self.reset()
+        return metrics
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
+
+
+def _progress_bar(run: Run):
+    if not (run.info.is_main and run.config.log.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=run.total_steps, initial=run.state.step, unit="step", dynamic_ncols=True, desc="train"
+    )
+
+
+def _open_sample_log(run: Run):
+    folder = run.run_dir / "debug"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"samples-rank{run.info.rank}.jsonl", "a", buffering=1)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+
+def evaluate(run: Run) -> None:
+    """WER on the eval split; a new best is saved as RUN/best (a plain HF folder)."""
+    config, state = run.config, run.state
+    decoder = HFDecoder(
+        run.model, run.processor.tokenizer, config.model.language, config.model.task, run.precision
+    )
+    # The eval loader may draw from the global RNG too; keep training's streams untouched.
+    with torch.random.fork_rng(devices=[]):
+        report, utterances = evaluate_split(
+            decoder,
+            run.eval_dir,
+            config.data,
+            run.info,
+            config.eval.eval_batch_size,
+            config.eval.max_new_tokens,
+            config.eval.beam_size,
+        )
+    metric = None
+    if report is not None:
+        metric = report[config.eval.best_metric]
+        run.logger.info("evaluation at step %d:\n%s", state.step, format_report(report))
+        values = {
+            k: report[k]
+            for k in (
+                "wer_orthographic",
+                "wer_normalised",
+                "cer_orthographic",
+                "cer_normalised",
+                "real_time_factor",
+            )
+        }
+        for source, figures in report["per_source"].items():
+            values[f"{source}/wer_normalised"] = figures["wer_normalised"]
+        run.logger.scalars(state.step, values, kind="eval")
+        folder = run.run_dir / "eval"
+        folder.mkdir(exist_ok=True)
+        (folder / f"step-{state.step}.json").write_text(
+            json.dumps(
+                {**report, "step": state.step, "utterances": utterances},
+                indent=1,
+                ensure_ascii=False,
+            )
+        )
+    metric = distributed.broadcast_object(run.info, metric)
+    improved = (
+        metric is not None
+        and not math.isnan(metric)
+        and (state.best_metric is None or metric < state.best_metric)
+    )
+    if improved and state.step > 0:
+        state.best_metric, state.best_step = metric, state.step
+        if run.info.is_main:
+            ckpt.save_best(run.run_dir, run.model, run.processor)
+            run.logger.info(
+                "new best %s %.2f %% at step %d -> %s",
+                config.eval.best_metric,
+                100 * metric,
+                state.step,
+                run.run_dir / ckpt.BEST,
+            )
+
+
+# --- save_checkpoint --------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run) -> None:
+    info, state = run.info, run.state
+    if hasattr(run.optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards on rank 0
+        run.optimizer.consolidate_state_dict(to=0)
+    rng_states = distributed.gather_objects(info, ckpt.capture_rng())
+    if info.is_main:
+        training = {
+            **asdict(state),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "data_signature": run.train_data.order_signature(),
+            "world_size": info.world_size,
+            "precision": run.precision,
+        }
+        folder = ckpt.save_checkpoint(
+            run.run_dir,
+            state.step,
+            run.model,
+            run.processor,
+            run.optimizer.state_dict(),
+            training,
+            rng_states,
+            run.config.to_dict(),
+        )
+        keep = {state.best_step} if state.best_step >= 0 else set()
+        ckpt.prune_checkpoints(run.run_dir, run.config.checkpoint.keep_last, keep)
+        run.logger.info("checkpoint written: %s", folder)
+    distributed.barrier(info)  # nobody races ahead (or exits) while rank 0 writes
+
+
+# --- cleanup ----------------------------------------------------------------------------------
+
+
+def cleanup(run: Run) -> None:
+    run.logger.close()
+    distributed.cleanup_distributed()

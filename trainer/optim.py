@@ -1,0 +1,141 @@
+"""Optimiser, learning-rate schedule, mixed precision and the guard against a collapsing scale."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _help(text: str, **kwargs: Any):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate of AdamW", default=1e-5)
+    warmup_steps: int = _help("optimiser steps of linear warm-up from 0 to lr", default=500)
+    schedule: str = _help("decay after warm-up: linear, cosine or constant", default="linear")
+    min_lr_ratio: float = _help("the decay ends at lr * min_lr_ratio", default=0.0)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.999)
+    adam_eps: float = _help("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = _help(
+        "clip the global gradient norm to this (0 = no clipping)", default=1.0
+    )
+    grad_accum: int = _help("micro-batches per optimiser step (per device)", default=6)
+    max_steps: int = _help(
+        "optimiser steps to train; 0 = derive from `epochs` and the batches per epoch", default=0
+    )
+    epochs: float = _help("epochs to train when max_steps is 0", default=2.0)
+    precision: str = _help(
+        "auto (fp16 on CUDA, as the original project; fp32 elsewhere), fp16 (autocast + "
+        "GradScaler), bf16 (autocast, no scaler) or fp32",
+        default="auto",
+    )
+    zero1: bool = _help(
+        "shard the AdamW state across ranks (ZeroRedundancyOptimizer): ~8 bytes/parameter "
+        "less per GPU on two ranks",
+        default=False,
+    )
+    fused: bool = _help("use the fused AdamW kernel on CUDA", default=True)
+    max_consecutive_skips: int = _help(
+        "stop when this many optimiser steps in a row had inf/NaN gradients", default=20
+    )
+    min_loss_scale: float = _help(
+        "stop when the fp16 loss scale falls below this (gradients are garbage)", default=1e-4
+    )
+
+    def validate(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, not {self.schedule!r}")
+        if self.precision not in ("auto", "fp16", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, fp16, bf16 or fp32, not {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be at least 1")
+
+
+class TrainingDiverged(RuntimeError):
+    """Gradients keep overflowing: continuing would train on garbage."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 has float32's exponent range and does not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for the optimiser step with index `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay = cosine if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], config: OptimConfig, device: torch.device, zero1: bool
+) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {
+        "lr": config.lr,
+        "betas": (config.beta1, config.beta2),
+        "eps": config.adam_eps,
+        "weight_decay": config.weight_decay,
+    }
+    if config.fused and device.type == "cuda":
+        kwargs["fused"] = True
+    if zero1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, config.warmup_steps, total_steps, config.schedule, config.min_lr_ratio
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_overflow(
+    step: int, consecutive_skips: int, loss_scale: float | None, config: OptimConfig
+) -> None:
+    """Stop with a clear error when skipped steps show the run can no longer recover."""
+    if loss_scale is not None and loss_scale < config.min_loss_scale:
+        raise TrainingDiverged(
+            f"step {step}: the fp16 loss scale collapsed to {loss_scale:.3g} (below "
+            f"min_loss_scale={config.min_loss_scale:g}): the gradients overflow even when scaled "
+            "down. Try a lower --lr, more --warmup-steps, --precision bf16 (on GPUs that have "
+            "it), or resume from an earlier checkpoint."
+        )
+    if consecutive_skips >= config.max_consecutive_skips:
+        raise TrainingDiverged(
+            f"step {step}: {consecutive_skips} optimiser steps in a row had inf/NaN gradients "
+            f"(max_consecutive_skips={config.max_consecutive_skips}). The model or the data "
+            "produce non-finite values: try a lower --lr, --precision fp32 or bf16 to rule out "
+            "fp16 overflow, check the shards with scripts/check_shards.py, or resume from an "
+            "earlier checkpoint."
+        )
