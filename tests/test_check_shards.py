@@ -224,6 +224,15 @@ def test_damaged_bytes_are_caught_by_the_fast_check(shards, damage, says):
     assert any(says in p.what for p in report.problems), report.text()
 
 
+def test_without_sha256_cuts_are_caught_but_a_changed_data_byte_is_not(shards):
+    """--no-sha256 trades the bit-flip guarantee for speed; this pins down the documented limit."""
+    flip_bit_in_data(shards / "train" / VICTIM)
+    assert check_folder(shards, progress=False, sha256=False).ok
+    cut_inside_data(shards / "train" / "shard-000002.tar")
+    report = check_folder(shards, progress=False, sha256=False)
+    assert report.broken() == ["train/shard-000002.tar"]
+
+
 def test_a_truncated_tar_reads_back_silently_which_is_why_counts_are_compared(shards):
     """The trap the checker exists for: tarfile returns fewer members, and no error."""
     shard = shards / "train" / VICTIM
