@@ -21,6 +21,7 @@ from shard_builder.contract import (
     MEL_MEMBER,
     META_MEMBER,
     TOKENS_MEMBER,
+    ContractError,
     load_manifest,
     meta_bytes,
     npy_bytes,
@@ -35,6 +36,9 @@ from trainer.data import (
     check_split,
     collate,
     eval_batches,
+    iter_shard_samples,
+    iter_tar_members,
+    npy_view,
     pad_features_to_full,
 )
 
@@ -294,6 +298,43 @@ def test_eval_limit_takes_a_fixed_first_subset(uneven_split, world):
             for k in batch["keys"]
         ]
     assert sorted(keys) == all_keys(uneven_split)[:20]
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.full((128, 301), 1.5, np.float16),
+        np.arange(7, dtype=np.int32),
+        np.array(3.0),
+        np.arange(6, dtype=">i8").reshape(2, 3),
+        np.asfortranarray(np.ones((3, 4))),  # not the fast path: np.load decodes it
+        np.zeros((0, 5), np.float32),
+    ],
+)
+def test_npy_view_decodes_like_np_load(array):
+    decoded = npy_view(npy_bytes(array))
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    assert np.array_equal(decoded, array)
+
+
+def test_a_flipped_bit_in_a_tar_header_is_refused(uneven_split, tmp_path):
+    broken = tmp_path / "broken.tar"
+    source = uneven_split / "shard-000000.tar"
+    with open(source, "rb") as handle:
+        fourth_member_data = list(iter_tar_members(handle))[3][1]
+    data = bytearray(source.read_bytes())
+    data[fourth_member_data - 512 + 130] ^= 0x01  # in the size field of sample 1's first header
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ContractError, match="checksum"):
+        list(iter_shard_samples(broken, 0, 7))
+
+
+def test_a_shard_shorter_than_its_manifest_is_refused(uneven_split):
+    with pytest.raises(ContractError, match="fewer than"):
+        list(iter_shard_samples(uneven_split / "shard-000000.tar", 5, 9))
 
 
 # --- padding helpers ---------------------------------------------------------------------------
