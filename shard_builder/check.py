@@ -457,7 +457,8 @@ def reject_problems(split_dir: Path, manifest: dict[str, Any]) -> list[str]:
     path = split_dir / REJECTS_NAME
     if not path.is_file():
         return [f"missing (the manifest counts {manifest['num_rejected']} rejected rows)"]
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # undecodable bytes become U+FFFD, so such a line fails as JSON instead of the checker
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     problems = []
     for number, line in enumerate(lines, 1):
         try:
