@@ -197,15 +197,16 @@ def read_record(split_dir: Path, task: ShardTask) -> dict[str, Any] | None:
     return record
 
 
-def remove_stale_temporaries(split_dir: Path) -> None:
-    for pattern in (
-        ".shard-*.tmp-*",
-        f"{RECORDS_DIR}/.*.tmp-*",
-        f".{MANIFEST_NAME}.tmp-*",
-        f".{REJECTS_NAME}.tmp-*",
-    ):
-        for stale in split_dir.glob(pattern):
+def remove_stale_temporaries(split_dir: Path, config: BuilderConfig) -> None:
+    """Delete what killed runs left behind; with --part, only this part's own leftovers, since
+    other machines sharing the folder may be writing theirs right now."""
+    for stale in [*split_dir.glob(".shard-*.tmp-*"), *split_dir.glob(f"{RECORDS_DIR}/.*.tmp-*")]:
+        if shard_index(stale.name.lstrip(".")) % config.part_count == config.part_index:
             stale.unlink(missing_ok=True)
+    if config.part_count == 1:
+        for name in (MANIFEST_NAME, REJECTS_NAME):
+            for stale in split_dir.glob(f".{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
 
 
 # --- the build ------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def build(config: BuilderConfig) -> dict[str, dict[str, Any]]:
         total_rows[split] = min(rows, config.limit) if config.limit else rows
         split_dir = Path(config.out) / split
         (split_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(split_dir)
+        remove_stale_temporaries(split_dir, config)
         records[split] = {}
         for task in plan_split(split, total_rows[split], config.shard_size):
             record = read_record(split_dir, task)

@@ -258,3 +258,23 @@ def test_hub_parquet_schema_is_read_like_the_hub(tmp_path):
     rows = list(source.rows("train", 3, 19))
     assert [row.row_id for row in rows] == list(range(3, 19))
     assert [row.text for row in rows] == [f"Satz {i}" for i in range(3, 19)]
+
+
+def test_a_part_removes_only_its_own_leftovers(tmp_path):
+    """Machines sharing one output folder must not delete each other's shards in progress."""
+    from shard_builder.build import RECORDS_DIR, remove_stale_temporaries
+    from shard_builder.config import BuilderConfig
+
+    (tmp_path / RECORDS_DIR).mkdir()
+    leftovers = [
+        tmp_path / ".shard-000004.tar.tmp-11",
+        tmp_path / ".shard-000005.tar.tmp-12",
+        tmp_path / RECORDS_DIR / ".shard-000007.tar.json.tmp-13",
+        tmp_path / ".manifest.json.tmp-14",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    remove_stale_temporaries(tmp_path, BuilderConfig(out=str(tmp_path), part="1/2"))
+    assert [path.exists() for path in leftovers] == [True, False, False, True]
+    remove_stale_temporaries(tmp_path, BuilderConfig(out=str(tmp_path)))
+    assert not any(path.exists() for path in leftovers)
