@@ -6,7 +6,10 @@ shard sizes, fast); the demo shards prove the bucketing and the manifest checks 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -42,6 +45,7 @@ from trainer.data import (
     pad_features_to_full,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 N_MELS = 8
 FINGERPRINT = tokenizer_fingerprint({"a": 0, "b": 1})
 UNEVEN_SIZES = [7, 64, 3, 50]
@@ -298,6 +302,24 @@ def test_eval_limit_takes_a_fixed_first_subset(uneven_split, world):
             for k in batch["keys"]
         ]
     assert sorted(keys) == all_keys(uneven_split)[:20]
+
+
+def test_trainer_data_imports_no_builder_only_library():
+    """The GPU machine has no datasets, soundfile, soxr, pyarrow or jiwer."""
+    code = (
+        "import sys, trainer.data; print([m for m in "
+        "('datasets', 'soundfile', 'soxr', 'pyarrow', 'jiwer') if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_config_names_the_split_folders():
+    cfg = DataConfig(shards="out", train_split="train", eval_split="test")
+    assert cfg.train_dir() == Path("out/train") and cfg.eval_dir() == Path("out/test")
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DataConfig))
 
 
 # --- decoding ----------------------------------------------------------------------------------

@@ -72,6 +72,12 @@ class DataConfig:
         "evaluate only the first N samples of the eval split (a fixed subset)", default=None
     )
 
+    def train_dir(self) -> Path:
+        return Path(self.shards) / self.train_split
+
+    def eval_dir(self) -> Path:
+        return Path(self.shards) / self.eval_split
+
     def validate(self) -> None:
         if self.batch_size < 1 or self.bucket_buffer < 1:
             raise ValueError("batch_size and bucket_buffer must be at least 1")
