@@ -237,7 +237,8 @@ def test_batch_tensors_follow_the_contract(uneven_split):
         frames = int(batch["num_frames"][i])
         expected = torch.tensor(float(batch["pad_values"][i])).half()
         assert (batch["features"][i, :, frames:] == expected).all()
-    assert len(batch["texts"]) == len(batch["sources"]) == size
+    assert len(batch["texts"]) == len(batch["sources"]) == len(batch["durations"]) == size
+    assert all(d > 0 for d in batch["durations"])
 
 
 def test_same_epoch_and_seed_repeat_different_epochs_differ(uneven_split):

@@ -202,6 +202,7 @@ def decode_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
         "pad_value": float(meta["pad_value"]),
         "text": meta["text"],
         "source": meta["source"],
+        "duration": float(meta["duration"]),
     }
 
 
@@ -229,8 +230,13 @@ def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Ite
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pad features to the batch's longest stored frames (each with its own pad value) and
-    tokens with -100. Features stay float16 here; the device pads them to 3000 frames."""
+    """Samples -> one batch; features stay float16, the device pads them to 3000 frames.
+
+    features float16 [B, n_mels, T] (T = longest stored frames, each sample padded with its own
+    pad value), pad_values float32 [B], num_frames int64 [B], tokens int64 [B, L] (full target
+    sequences, -100 after each), token_lengths int64 [B]; keys, texts, sources (list[str]) and
+    durations (list[float], audio seconds).
+    """
     num_frames = [sample["features"].shape[1] for sample in samples]
     token_lengths = [len(sample["tokens"]) for sample in samples]
     n_mels = samples[0]["features"].shape[0]
@@ -249,6 +255,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "keys": [s["key"] for s in samples],
         "texts": [s["text"] for s in samples],
         "sources": [s["source"] for s in samples],
+        "durations": [s.get("duration", 0.0) for s in samples],  # audio seconds, for reports
     }
 
 
