@@ -62,11 +62,14 @@ def load_model(config: ModelConfig, for_training: bool = True):
     from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(config.name_or_path)
+    # Whisper's layers copy the dropout rate from the config when built: override it there.
+    overrides = {} if config.dropout is None else {"dropout": config.dropout}
     if has_weights(config.name_or_path):
         model = WhisperForConditionalGeneration.from_pretrained(
             config.name_or_path,
             dtype=torch.float32,
             attn_implementation=config.attn_implementation,
+            **overrides,
         )
     else:
         log.warning(
@@ -74,7 +77,7 @@ def load_model(config: ModelConfig, for_training: bool = True):
             config.name_or_path,
             config.init_seed,
         )
-        model_config = WhisperConfig.from_pretrained(config.name_or_path)
+        model_config = WhisperConfig.from_pretrained(config.name_or_path, **overrides)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             model = WhisperForConditionalGeneration._from_config(
@@ -82,11 +85,6 @@ def load_model(config: ModelConfig, for_training: bool = True):
                 dtype=torch.float32,
                 attn_implementation=config.attn_implementation,
             )
-    if config.dropout is not None:
-        model.config.dropout = config.dropout
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = config.dropout
     configure_generation(model, processor.tokenizer, config.language, config.task)
     if for_training:
         model.config.use_cache = False  # the KV cache is useless with teacher forcing

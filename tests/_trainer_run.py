@@ -1,0 +1,139 @@
+"""Helpers for the trainer tests: run the real entry point in a subprocess, read a run folder.
+
+Not a test module (no test_ prefix); imported by tests/test_{loop,checkpoint,evaluate,ddp}.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
+
+# Small and fast on two CPU cores: the tiny preset, 2 samples per micro-batch, few tokens decoded.
+FAST = [
+    "--config",
+    str(REPO / "config" / "demo-tiny.toml"),
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--bucket-buffer",
+    "8",
+    "--num-workers",
+    "1",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "0",
+    "--eval-batch-size",
+    "8",
+    "--eval-limit",
+    "8",
+    "--max-new-tokens",
+    "8",
+    "--log-every",
+    "1",
+    "--progress",
+    "false",
+    "--tensorboard",
+    "false",
+    "--sample-log",
+    "true",
+]
+
+
+def trainer_command(nproc: int, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "trainer"]
+    else:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "trainer",
+        ]
+    return [*launcher, *FAST, "--shards", str(shards), "--output-dir", str(run_dir), *extra]
+
+
+def run_trainer(
+    nproc: int,
+    shards: Path,
+    run_dir: Path,
+    *extra: str,
+    env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run `python -m trainer` (or torchrun with `nproc` ranks); on a timeout, say which rank
+    stopped where (from the per-rank sample logs) and kill the whole process group."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+    full_env.pop("RUNS_DIR", None)
+    full_env.pop("SHARDS_DIR", None)
+    process = subprocess.Popen(
+        trainer_command(nproc, shards, run_dir, *extra),
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        where = {rank: last_step(run_dir, rank) for rank in range(nproc)}
+        raise AssertionError(
+            f"trainer timed out after {timeout} s; last step logged per rank: {where} "
+            f"(a rank behind the others is the one that hung)\n{output[-4000:]}"
+        ) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample_log(run_dir: Path, rank: int) -> dict[int, dict]:
+    """step -> entry of RUN/debug/samples-rank<R>.jsonl; a resumed run's entry wins."""
+    path = Path(run_dir) / "debug" / f"samples-rank{rank}.jsonl"
+    if not path.exists():
+        return {}
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {entry["step"]: entry for entry in entries}
+
+
+def last_step(run_dir: Path, rank: int) -> int | None:
+    steps = sample_log(run_dir, rank)
+    return max(steps) if steps else None
+
+
+def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["kind"] == kind]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
