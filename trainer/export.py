@@ -1,0 +1,464 @@
+"""Export a Hugging Face Whisper to the faster-whisper (CTranslate2) format, then check the result.
+
+    python -m trainer.export --model runs/turbo-de/best \
+        --out models/whisper-large-v3-turbo-german-ct2 --quantization int8_float16
+
+Conversion is CTranslate2's own TransformersConverter. Around it this module adds what a
+converted folder needs to be usable and trustworthy:
+- tokenizer.json and preprocessor_config.json beside model.bin: faster-whisper builds its feature
+  extractor from preprocessor_config.json's `feature_size` and falls back to 80 mel bins, so a
+  128-bin large-v3/turbo export without it is fed the wrong features;
+- an atomic output: the folder appears under its final name only when complete (and verified,
+  with --strict);
+- a verification: faster-whisper loads and transcribes a clip, and CTranslate2's greedy tokens
+  are compared with Hugging Face's on the same features and prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CORPUS_DATA = REPO / "demo" / "corpus" / "data"
+SAMPLING_RATE = 16000
+PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")
+
+
+class ExportError(RuntimeError):
+    """The export cannot go ahead, or its result failed a check."""
+
+
+def _help(text: str, **kwargs: Any):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ExportConfig:
+    model: str = _help("Hugging Face Whisper folder (e.g. RUN/best) or hub id", default="")
+    out: str = _help(
+        "output folder for the CTranslate2 model; must not exist (see --force)", default=""
+    )
+    quantization: str = _help(
+        "weight type stored in model.bin: float32, float16, bfloat16, int8, int8_float16, "
+        "int8_float32, int8_bfloat16, int16 (checked against ctranslate2's list)",
+        default="float16",
+    )
+    force: bool = _help("replace an existing output folder", default=False)
+    verify: bool = _help(
+        "load the result with faster-whisper and compare tokens with HF", default=True
+    )
+    verify_audio: str = _help(
+        "audio file for the check (default: a demo corpus test clip)", default=""
+    )
+    strict: bool = _help(
+        "fail, and leave no output, unless CTranslate2's greedy tokens equal "
+        "Hugging Face's exactly",
+        default=False,
+    )
+    language: str = _help("language token of the decoding prefix", default="de")
+    task: str = _help("task token of the decoding prefix", default="transcribe")
+    max_new_tokens: int = _help("longest transcript decoded by the check", default=128)
+    device: str = _help("device for the check: cpu or cuda", default="cpu")
+    compute_type: str = _help(
+        "CTranslate2 compute type for the check ('default' follows the "
+        "stored weights where the device supports them)",
+        default="default",
+    )
+
+
+@dataclass
+class Verification:
+    audio: str
+    prefix_tokens: list[int]
+    hf_tokens: list[int]
+    ct2_tokens: list[int]
+    exact: bool
+    agreement: float
+    hf_text: str
+    ct2_text: str
+    faster_whisper_text: str
+
+
+@dataclass
+class ExportReport:
+    out: str
+    quantization: str
+    n_mels: int
+    vocab_size: int
+    tokenizer_size: int
+    bytes_on_disk: int
+    convert_seconds: float
+    verification: Verification | None = None
+    verify_seconds: float = 0.0
+
+
+# --- checks on the request ------------------------------------------------------------------
+
+
+def accepted_quantizations() -> tuple[str, ...]:
+    from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
+
+    return tuple(ACCEPTED_MODEL_TYPES)
+
+
+def check_quantization(name: str) -> None:
+    accepted = accepted_quantizations()
+    if name not in accepted:
+        raise ValueError(
+            f"--quantization {name!r} is not one of CTranslate2's: {', '.join(accepted)}"
+        )
+
+
+def check_output_free(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+
+
+# --- conversion -----------------------------------------------------------------------------
+
+
+def make_converter(model: str):
+    """CTranslate2's converter, loading the checkpoint in float32 whatever its config says.
+
+    The converter loads in the dtype config.json names (float16 for the hub's checkpoints). For
+    weights stored float16 that is lossless, but a checkpoint saved in float32 under a float16
+    config would be rounded before quantisation; from float32 the chosen type is applied once.
+    """
+    import torch
+    from ctranslate2.converters import TransformersConverter
+
+    class Float32Converter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            kwargs["dtype"] = torch.float32
+            return model_class.from_pretrained(model_name_or_path, **kwargs)
+
+    return Float32Converter(model)
+
+
+def convert(model: str, folder: Path, quantization: str) -> None:
+    make_converter(model).convert(str(folder), quantization=quantization, force=True)
+
+
+def source_file(model: str, name: str) -> Path | None:
+    """A file of the source model, local or from the hub cache; None when it has none."""
+    if Path(model).is_dir():
+        path = Path(model) / name
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, name))
+    except Exception:  # absent from the repo, or offline: regenerate it below
+        return None
+
+
+def write_tokenizer(model: str, folder: Path) -> None:
+    path = source_file(model, "tokenizer.json")
+    if path is not None:
+        shutil.copyfile(path, folder / "tokenizer.json")
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model).backend_tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def write_preprocessor(model: str, folder: Path, n_mels: int) -> None:
+    """preprocessor_config.json, which faster-whisper reads for the mel-bin count.
+
+    transformers 5 saves a processor as processor_config.json only (whisper-base here has no
+    preprocessor_config.json), so the file is written from the loaded feature extractor then.
+    """
+    path = source_file(model, "preprocessor_config.json")
+    if path is not None:
+        shutil.copyfile(path, folder / "preprocessor_config.json")
+    else:
+        from transformers import WhisperFeatureExtractor
+
+        extractor = WhisperFeatureExtractor.from_pretrained(model)
+        extractor.to_json_file(str(folder / "preprocessor_config.json"))
+    feature_size = json.loads((folder / "preprocessor_config.json").read_text())["feature_size"]
+    if feature_size != n_mels:
+        raise ExportError(
+            f"the feature extractor gives {feature_size} mel bins but the model's "
+            f"num_mel_bins is {n_mels}; fix the model folder before exporting"
+        )
+
+
+def check_vocabulary(folder: Path, vocab_size: int) -> int:
+    """The converter lists tokenizer.json's tokens by id, then pads with timestamp tokens to
+    the model's vocab_size (50364 + 1501 for multilingual Whisper). A tokenizer with holes in
+    its ids would shift every id after the hole; check that the ids mean the same tokens."""
+    from tokenizers import Tokenizer
+
+    vocabulary = json.loads((folder / "vocabulary.json").read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if len(vocabulary) != vocab_size or tokenizer_size > vocab_size:
+        raise ExportError(
+            f"vocabulary.json has {len(vocabulary)} tokens and tokenizer.json "
+            f"{tokenizer_size}, the model {vocab_size}"
+        )
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if vocabulary[token_id] != token:
+            raise ExportError(
+                f"id {token_id} is {token!r} in tokenizer.json but "
+                f"{vocabulary[token_id]!r} in the converted vocabulary"
+            )
+    return tokenizer_size
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+def load_audio(path: str) -> tuple[np.ndarray, str]:
+    """The clip to verify with, 16 kHz mono float32: --verify-audio or a demo test clip."""
+    from shard_builder.audio import RejectedRow, decode_audio
+
+    if path:
+        try:
+            return decode_audio(Path(path).read_bytes()), path
+        except RejectedRow as error:
+            raise ValueError(f"--verify-audio {path}: {error}") from None
+    return first_demo_clip()
+
+
+def first_demo_clip() -> tuple[np.ndarray, str]:
+    import pyarrow.parquet as pq
+
+    from shard_builder.audio import RejectedRow, decode_audio
+
+    files = sorted(DEMO_CORPUS_DATA.glob("test-*.parquet"))
+    if not files:
+        raise ValueError("no demo corpus to verify with: pass --verify-audio FILE or --no-verify")
+    for row in pq.read_table(files[0], columns=["audio"]).column("audio").to_pylist():
+        try:
+            return decode_audio(row["bytes"]), f"{files[0].name}:{row['path']}"
+        except RejectedRow:
+            continue
+    raise ValueError(f"{files[0]} holds no decodable clip")
+
+
+def hf_greedy_tokens(
+    model: str, features: np.ndarray, prefix: list[int], max_new_tokens: int, eot_id: int
+) -> list[int]:
+    """Hugging Face generate, greedy, forced prefix; text ids without the prefix and end token."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    hf_model = WhisperForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequence = hf_model.generate(
+            torch.from_numpy(features),
+            decoder_input_ids=torch.tensor([prefix]),
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            do_sample=False,
+        )[0].tolist()
+    if sequence[: len(prefix)] == prefix:  # some transformers versions return the prefix too
+        sequence = sequence[len(prefix) :]
+    return sequence[: sequence.index(eot_id)] if eot_id in sequence else sequence
+
+
+def token_agreement(reference: list[int], candidate: list[int]) -> float:
+    """Share of positions holding the same token, over the longer sequence (1.0 if both empty)."""
+    longest = max(len(reference), len(candidate))
+    if longest == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(reference, candidate, strict=False)) / longest
+
+
+def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -> str:
+    """What a real-time tool would get: faster-whisper's own loading, features and decoding."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(folder), device=config.device, compute_type=config.compute_type)
+    segments, _ = model.transcribe(
+        audio,
+        language=config.language,
+        task=config.task,
+        beam_size=1,
+        temperature=0.0,
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        compression_ratio_threshold=None,
+        log_prob_threshold=None,
+        no_speech_threshold=None,
+        max_new_tokens=config.max_new_tokens,
+        vad_filter=False,
+    )
+    return "".join(segment.text for segment in segments).strip()
+
+
+def verify(folder: Path, config: ExportConfig) -> Verification:
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+    from trainer.ct2_backend import CT2Transcriber
+
+    audio, audio_name = load_audio(config.verify_audio)
+    features = WhisperFeatureExtractor.from_pretrained(config.model)(
+        audio, sampling_rate=SAMPLING_RATE, return_tensors="np"
+    ).input_features.astype(np.float32)
+    transcriber = CT2Transcriber(folder, device=config.device, compute_type=config.compute_type)
+    prefix = transcriber.prefix_tokens(config.language, config.task)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    names = [
+        "<|startoftranscript|>",
+        f"<|{config.language}|>",
+        f"<|{config.task}|>",
+        "<|notimestamps|>",
+    ]
+    if tokenizer.convert_tokens_to_ids(names) != prefix:
+        raise ExportError(
+            f"the exported tokenizer.json gives prefix {prefix}, the model's "
+            f"tokenizer {tokenizer.convert_tokens_to_ids(names)}"
+        )
+    ct2_tokens = transcriber.generate_tokens(features, prefix, config.max_new_tokens)[0]
+    hf_tokens = hf_greedy_tokens(
+        config.model, features, prefix, config.max_new_tokens, transcriber.eot_id
+    )
+    return Verification(
+        audio=audio_name,
+        prefix_tokens=prefix,
+        hf_tokens=hf_tokens,
+        ct2_tokens=ct2_tokens,
+        exact=hf_tokens == ct2_tokens,
+        agreement=token_agreement(hf_tokens, ct2_tokens),
+        hf_text=transcriber.decode(hf_tokens),
+        ct2_text=transcriber.decode(ct2_tokens),
+        faster_whisper_text=faster_whisper_text(folder, audio, config),
+    )
+
+
+# --- the export as a whole ------------------------------------------------------------------
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old one is moved aside first, then removed,
+    so at every moment `out` is either the old complete export or the new one."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export(config: ExportConfig) -> ExportReport:
+    from transformers import AutoConfig
+
+    check_quantization(config.quantization)
+    out = Path(config.out)
+    check_output_free(out, config.force)
+    model_config = AutoConfig.from_pretrained(config.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        started = time.perf_counter()
+        convert(config.model, staging, config.quantization)
+        write_tokenizer(config.model, staging)
+        write_preprocessor(config.model, staging, model_config.num_mel_bins)
+        tokenizer_size = check_vocabulary(staging, model_config.vocab_size)
+        report = ExportReport(
+            out=str(out),
+            quantization=config.quantization,
+            n_mels=model_config.num_mel_bins,
+            vocab_size=model_config.vocab_size,
+            tokenizer_size=tokenizer_size,
+            bytes_on_disk=folder_bytes(staging),
+            convert_seconds=time.perf_counter() - started,
+        )
+        if config.verify:
+            started = time.perf_counter()
+            report.verification = verify(staging, config)
+            report.verify_seconds = time.perf_counter() - started
+            if config.strict and not report.verification.exact:
+                raise ExportError(
+                    "--strict: CTranslate2's greedy tokens differ from Hugging "
+                    f"Face's (agreement {report.verification.agreement:.3f})"
+                )
+        (staging / "export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        publish(staging, out)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def print_report(report: ExportReport) -> None:
+    print(f"exported {report.out}")
+    print(f"  quantization  {report.quantization}")
+    print(f"  size on disk  {report.bytes_on_disk / 1e6:.1f} MB")
+    print(f"  n_mels        {report.n_mels} (preprocessor_config.json feature_size)")
+    print(
+        f"  vocabulary    {report.vocab_size} ids ({report.tokenizer_size} in tokenizer.json, "
+        f"the rest timestamp tokens)"
+    )
+    print(f"  conversion    {report.convert_seconds:.1f} s")
+    check = report.verification
+    if check is None:
+        print("  verification  skipped (--no-verify)")
+        return
+    verdict = "exact" if check.exact else f"{check.agreement:.1%} of positions agree"
+    print(f"  verification  {verdict} on {check.audio} ({report.verify_seconds:.1f} s)")
+    print(f"    HF greedy      {len(check.hf_tokens)} tokens: {check.hf_text!r}")
+    print(f"    CT2 greedy     {len(check.ct2_tokens)} tokens: {check.ct2_text!r}")
+    print(f"    faster-whisper {check.faster_whisper_text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> ExportConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for spec in fields(ExportConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.type == "bool" and spec.default:
+            parser.add_argument(
+                "--no-" + spec.name.replace("_", "-"),
+                dest=spec.name,
+                action="store_false",
+                help=spec.metadata["help"],
+            )
+        elif spec.type == "bool":
+            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
+        else:
+            kind = int if spec.type == "int" else str
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=spec.default,
+                required=spec.name in ("model", "out"),
+                help=spec.metadata["help"],
+            )
+    return ExportConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        report = export(config)
+    except (ExportError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
