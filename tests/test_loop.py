@@ -1,0 +1,139 @@
+"""The trainer's pieces without processes: configuration layers, targets, loss, schedule, guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import tomllib
+import torch
+
+from tests._trainer_run import REPO
+from trainer.config import SECTIONS, TrainConfig, build_parser, load_config
+from trainer.model import decoder_inputs_and_labels, token_loss
+from trainer.optim import OptimConfig, TrainingDiverged, check_overflow, lr_factor
+
+BASE = ["--shards", "/data/shards", "--output-dir", "runs/x"]
+
+
+def test_defaults_are_the_original_projects_configuration():
+    config = TrainConfig()
+    assert config.model.name_or_path == "openai/whisper-large-v3-turbo"
+    assert config.data.batch_size == 4 and config.optim.grad_accum == 6
+    assert config.optim.lr == 1e-5 and config.optim.warmup_steps > 0
+    assert config.optim.precision == "auto"  # fp16 + GradScaler on CUDA
+    assert config.model.gradient_checkpointing
+    assert config.eval.eval_every == 1000 and config.checkpoint.save_every == 1000
+    assert config.log.log_every == 25
+    assert config.eval.best_metric.startswith("wer")
+
+
+def test_turbo_config_file_spells_out_the_defaults():
+    config = load_config(["--config", str(REPO / "config/turbo-2x16gb.toml"), *BASE], environ={})
+    plain = load_config(BASE, environ={})
+    config.config = plain.config = ""
+    assert config == plain
+
+
+def test_every_field_has_help_text():
+    for cls in [TrainConfig, *SECTIONS.values()]:
+        for spec in dataclasses.fields(cls):
+            if spec.name not in SECTIONS:
+                assert spec.metadata.get("help"), f"{cls.__name__}.{spec.name} has no help"
+    assert "--batch-size" in build_parser().format_help()
+
+
+def test_resolution_order_defaults_file_environment_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        "[optim]\nlr = 0.5\ngrad_accum = 3\nwarmup_steps = 7\n"
+        "[data]\nbatch_size = 8\nseed = 4\n[model]\nfreeze_encoder = true\n"
+    )
+    environ = {
+        "TRAINER_LR": "0.25",
+        "TRAINER_OPTIM__GRAD_ACCUM": "5",
+        "RUNS_DIR": "/r",
+        "SHARDS_DIR": "/s",
+    }
+    config = load_config(
+        ["--config", str(toml), "--lr", "0.125", "--data.seed", "11"], environ=environ
+    )
+    assert config.optim.lr == 0.125  # flag > env > file
+    assert config.optim.grad_accum == 5  # env > file
+    assert config.optim.warmup_steps == 7 and config.data.batch_size == 8  # file > default
+    assert config.data.seed == 11 and config.seed == 0  # dotted flag for a shared name
+    assert config.model.freeze_encoder is True
+    assert config.output_dir == "/r/whisper-de" and config.data.shards == "/s"
+
+
+def test_unknown_settings_are_refused(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optim]\nlearning_rate = 1.0\n")
+    with pytest.raises(ValueError, match="optim.learning_rate"):
+        load_config(["--config", str(toml), *BASE], environ={})
+
+
+def test_demo_config_is_valid():
+    with open(REPO / "config/demo-tiny.toml", "rb") as handle:
+        assert tomllib.load(handle)["model"]["name_or_path"] == "config/models/tiny-whisper-de"
+    config = load_config(["--config", str(REPO / "config/demo-tiny.toml")], environ={})
+    assert config.optim.precision == "fp32" and config.device == "cpu"
+
+
+def test_decoder_inputs_do_not_double_the_start_token():
+    # <|sot|> <|de|> <|transcribe|> <|notimestamps|> a b <|eot|>, then padding
+    tokens = torch.tensor(
+        [
+            [50258, 50261, 50359, 50363, 11, 12, 50257, -100],
+            [50258, 50261, 50359, 50363, 13, 50257, -100, -100],
+        ]
+    )
+    inputs, labels = decoder_inputs_and_labels(tokens, pad_token_id=50257)
+    assert inputs[0].tolist() == [50258, 50261, 50359, 50363, 11, 12, 50257]
+    assert inputs[1].tolist() == [50258, 50261, 50359, 50363, 13, 50257, 50257]
+    assert labels[0].tolist() == [50261, 50359, 50363, 11, 12, 50257, -100]
+    assert (inputs[:, 0] == 50258).all() and (inputs[:, 1] != 50258).all()
+
+
+def test_token_loss_ignores_padding_and_is_float32():
+    logits = torch.randn(2, 3, 10, dtype=torch.bfloat16)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    summed, count = token_loss(logits, labels)
+    assert count.item() == 3 and summed.dtype == torch.float32
+    manual = torch.nn.functional.cross_entropy(
+        logits.float()[labels != -100], labels[labels != -100], reduction="sum"
+    )
+    assert torch.allclose(summed, manual)
+
+
+def test_learning_rate_warmup_then_decay():
+    assert lr_factor(0, 10, 100, "linear") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "linear") == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "linear") == pytest.approx(0.0)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 100, "constant") == 1.0
+
+
+def test_collapsing_loss_scale_stops_with_a_clear_error():
+    config = OptimConfig(min_loss_scale=1e-4, max_consecutive_skips=5)
+    check_overflow(10, 4, 2.0**-10, config)  # still fine
+    with pytest.raises(TrainingDiverged, match=r"step 11: the fp16 loss scale collapsed.*--lr"):
+        check_overflow(11, 1, 2.0**-14, config)
+    with pytest.raises(TrainingDiverged, match=r"step 12: 5 optimiser steps in a row"):
+        check_overflow(12, 5, None, config)
+
+
+def test_grad_scaler_skips_an_inf_step_and_backs_off():
+    """The fp16 path: GradScaler itself skips the update on inf and halves the scale."""
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = layer.weight.detach().clone()
+    (scaler.scale(layer(torch.ones(1, 2)).sum()) * math.inf).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(layer.weight, before) and scaler.get_scale() == 2.0**7
