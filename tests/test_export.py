@@ -1,0 +1,245 @@
+"""trainer.export and trainer.ct2_backend on the tiny preset (random weights, fixed seed).
+
+A random model decodes garbage that runs to the length limit, so every decode here is kept
+short; exact token agreement still means something because greedy search compares argmaxes
+over the full 51865-entry vocabulary at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, TINY_MODEL
+
+pytest.importorskip("ctranslate2")
+pytest.importorskip("faster_whisper")
+
+from trainer.ct2_backend import CT2Transcriber  # noqa: E402
+from trainer.export import ExportConfig, ExportError, export, first_demo_clip  # noqa: E402
+
+PROCESSOR_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
+MAX_NEW_TOKENS = 12
+
+
+def save_random_whisper(folder: Path, num_mel_bins: int = 80) -> Path:
+    """The tiny preset with seeded random weights, saved like a trainer's RUN/best folder."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig.from_pretrained(TINY_MODEL)
+    config.num_mel_bins = num_mel_bins
+    torch.manual_seed(1234)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(TINY_MODEL)
+    model.save_pretrained(folder)
+    for name in PROCESSOR_FILES:
+        shutil.copyfile(TINY_MODEL / name, folder / name)
+    return folder
+
+
+def export_config(model: Path, out: Path, **overrides) -> ExportConfig:
+    settings = dict(model=str(model), out=str(out), max_new_tokens=MAX_NEW_TOKENS)
+    settings.update(overrides)
+    return ExportConfig(**settings)
+
+
+def demo_features(model: Path, count: int) -> np.ndarray:
+    """Hugging Face features of the first `count` good demo test clips."""
+    import pyarrow.parquet as pq
+    from transformers import WhisperFeatureExtractor
+
+    from shard_builder.audio import decode_audio
+
+    parquet = next((REPO / "demo" / "corpus" / "data").glob("test-*.parquet"))
+    rows = pq.read_table(parquet, columns=["audio"]).column("audio").to_pylist()[:count]
+    clips = [decode_audio(row["bytes"]) for row in rows]
+    extractor = WhisperFeatureExtractor.from_pretrained(model)
+    features = extractor(clips, sampling_rate=16000, return_tensors="np").input_features
+    return features.astype(np.float32)
+
+
+def hf_greedy(model: Path, features: np.ndarray, prefix: list[int], new_tokens: int):
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    hf_model = WhisperForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequences = hf_model.generate(
+            torch.from_numpy(features),
+            decoder_input_ids=torch.tensor([prefix] * len(features)),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+        ).tolist()
+    eot = hf_model.generation_config.eos_token_id
+    return [s[: s.index(eot)] if eot in s else s for s in sequences]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_random_whisper(tmp_path_factory.mktemp("tiny-random") / "best")
+
+
+@pytest.fixture(scope="module")
+def float32_export(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "tiny-ct2-float32"
+    return out, export(export_config(tiny_model, out, quantization="float32", strict=True))
+
+
+def test_float32_export_matches_hf_and_runs_in_faster_whisper(float32_export):
+    out, report = float32_export
+    check = report.verification
+    assert check.exact, (check.hf_tokens, check.ct2_tokens)
+    assert check.agreement == 1.0
+    assert check.prefix_tokens == [50258, 50261, 50359, 50363]
+    assert 0 < len(check.hf_tokens) <= MAX_NEW_TOKENS
+    assert isinstance(check.faster_whisper_text, str)
+    assert report.quantization == "float32" and report.n_mels == 80
+    assert report.vocab_size == 51865
+    saved = json.loads((out / "export_report.json").read_text())
+    assert saved["verification"]["exact"] is True
+
+
+def test_output_holds_processor_files_and_nothing_partial(float32_export):
+    out, report = float32_export
+    names = {path.name for path in out.iterdir()}
+    assert {"model.bin", "config.json", "vocabulary.json"} <= names
+    assert {"tokenizer.json", "preprocessor_config.json"} <= names
+    preprocessor = json.loads((out / "preprocessor_config.json").read_text())
+    assert preprocessor["feature_size"] == report.n_mels == 80
+    assert (out / "tokenizer.json").read_bytes() == (TINY_MODEL / "tokenizer.json").read_bytes()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_faster_whisper_reads_the_exported_folder(float32_export):
+    from faster_whisper import WhisperModel
+
+    out, _ = float32_export
+    model = WhisperModel(str(out), device="cpu", compute_type="float32")
+    assert model.feature_extractor.mel_filters.shape[0] == 80
+    audio, _ = first_demo_clip()
+    segments, info = model.transcribe(
+        audio,
+        language="de",
+        beam_size=1,
+        temperature=0.0,
+        without_timestamps=True,
+        max_new_tokens=MAX_NEW_TOKENS,
+        condition_on_previous_text=False,
+    )
+    list(segments)  # decoding is lazy: consume it to run it
+    assert info.language == "de"
+
+
+def test_ct2_transcriber_batch_equals_hf_at_every_length(tiny_model, float32_export):
+    """Batched greedy tokens equal HF's for several limits; a random model never stops early,
+    so this also pins `max_length` to mean new tokens (CTranslate2 4.8.5 counts otherwise)."""
+    out, _ = float32_export
+    transcriber = CT2Transcriber(out)
+    prefix = transcriber.prefix_tokens("de", "transcribe")
+    features = demo_features(tiny_model, 3)
+    for new_tokens in (1, 5, 20):
+        ours = transcriber.generate_tokens(features, prefix, max_length=new_tokens)
+        assert ours == hf_greedy(tiny_model, features, prefix, new_tokens)
+        assert all(len(ids) <= new_tokens for ids in ours)
+        assert all(transcriber.eot_id not in ids and ids[:1] != prefix[:1] for ids in ours)
+    assert isinstance(transcriber.decode(ours[0]), str)
+
+
+def test_ct2_transcriber_rejects_features_of_the_wrong_shape(float32_export):
+    transcriber = CT2Transcriber(float32_export[0])
+    with pytest.raises(ValueError, match=r"\[batch, 80, 3000\]"):
+        transcriber.generate_tokens(np.zeros((1, 128, 3000), np.float32), [50258], 4)
+
+
+def test_int8_export_loads_and_runs(tiny_model, float32_export, tmp_path):
+    out = tmp_path / "tiny-ct2-int8"
+    report = export(export_config(tiny_model, out, quantization="int8"))
+    check = report.verification
+    assert 0.0 <= check.agreement <= 1.0 and len(check.ct2_tokens) <= MAX_NEW_TOKENS
+    assert isinstance(check.faster_whisper_text, str)
+    float32_bytes = (float32_export[0] / "model.bin").stat().st_size
+    assert (out / "model.bin").stat().st_size < 0.5 * float32_bytes
+
+
+def test_128_bin_model_from_processor_config_only(tmp_path):
+    """transformers 5 saves processor_config.json only; the export must still tell faster-whisper
+    about 128 bins, or it would build 80-bin features (the large-v3 conversion pitfall)."""
+    from faster_whisper import WhisperModel
+
+    model = save_random_whisper(tmp_path / "tiny-128", num_mel_bins=128)
+    (model / "preprocessor_config.json").unlink()
+    processor = json.loads((model / "processor_config.json").read_text())
+    processor["feature_extractor"]["feature_size"] = 128
+    (model / "processor_config.json").write_text(json.dumps(processor))
+    out = tmp_path / "tiny-128-ct2"
+    report = export(export_config(model, out, quantization="float32", strict=True))
+    assert report.n_mels == 128 and report.verification.exact
+    assert json.loads((out / "preprocessor_config.json").read_text())["feature_size"] == 128
+    assert WhisperModel(str(out)).feature_extractor.mel_filters.shape[0] == 128
+
+
+def test_refuses_to_overwrite_without_force(tiny_model, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier export")
+    with pytest.raises(ExportError, match="--force"):
+        export(export_config(tiny_model, out, verify=False))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    export(export_config(tiny_model, out, verify=False, force=True))
+    assert (out / "model.bin").is_file() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_failed_conversion_leaves_no_folder(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(Exception):  # noqa: B017 - the preset has no weights: any load error
+        export(export_config(TINY_MODEL, out, verify=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_rejects_an_unknown_quantization(tiny_model, tmp_path):
+    out = tmp_path / "bad"
+    command = [
+        sys.executable,
+        "-m",
+        "trainer.export",
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--quantization",
+        "int4",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "'int4' is not one of CTranslate2's" in result.stderr
+    assert "int8_float16" in result.stderr and "float32" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_whisper_base_faster_whisper_transcript_equals_hf(whisper_base_dir, tmp_path):
+    """Real German output: faster-whisper (own features, own decoding loop) says what HF says."""
+    out = tmp_path / "whisper-base-ct2"
+    config = export_config(
+        whisper_base_dir, out, quantization="float32", strict=True, max_new_tokens=128
+    )
+    check = export(config).verification
+    assert check.exact and len(check.hf_tokens) > 3
+    assert check.faster_whisper_text == check.hf_text
+    assert json.loads((out / "preprocessor_config.json").read_text())["feature_size"] == 80
