@@ -89,16 +89,11 @@ class CT2Decoder:
     """A CTranslate2 export (trainer.ct2_backend), imported only when one is evaluated."""
 
     def __init__(self, folder: str, device: str, language: str, task: str) -> None:
-        from tokenizers import Tokenizer
-
         from trainer.ct2_backend import CT2Transcriber
 
         self.transcriber = CT2Transcriber(folder, device="cuda" if device == "cuda" else "cpu")
-        self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-        names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
-        self.prefix = [self.tokenizer.token_to_id(name) for name in names]
-        if None in self.prefix:
-            raise ValueError(f"{folder}/tokenizer.json lacks one of {names}")
+        self.tokenizer = self.transcriber.tokenizer
+        self.prefix = self.transcriber.prefix_tokens(language, task)
         self.device = torch.device("cpu")  # features go to CTranslate2 as numpy
 
     def __call__(self, features: torch.Tensor, max_new_tokens: int, beam_size: int) -> list[str]:
@@ -108,7 +103,7 @@ class CT2Decoder:
             max_length=max_new_tokens,
             beam_size=beam_size,
         )
-        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+        return [self.transcriber.decode(seq) for seq in ids]
 
 
 # --- evaluation over a split ------------------------------------------------------------------

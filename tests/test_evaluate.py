@@ -1,0 +1,204 @@
+"""Evaluation: WER/CER maths, the demo learns, and the `python -m trainer.evaluate` CLI.
+
+The figures the CLI writes are recomputed here, independently, with jiwer and the normaliser.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import jiwer
+import pytest
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+from tests._trainer_run import REPO, TINY_MODEL, metrics, run_trainer
+from trainer.metrics import normalise, wer_report
+
+# The demo-learns run: the tiny preset from random initialisation on the demo train split.
+# Measured (2 CPU cores): normalised WER on the 60 demo test utterances ~100 % before,
+# see DEMO_AFTER_MAX and docs/training.md for after.
+DEMO_STEPS = 160
+DEMO_AFTER_MAX = 0.75
+
+
+def test_wer_report_orthographic_normalised_and_per_source():
+    refs = ["Die Straße ist groß.", "Übermorgen, ja!", "...", "Hallo Welt"]
+    hyps = ["die strasse ist groß", "übermorgen ja", "", "Hallo Welt"]
+    report = wer_report(refs, hyps, ["a", "a", "b", "b"])
+    assert report["num_utterances"] == 4
+    assert report["dropped_empty_after_normalisation"] == 1  # "..." normalises to nothing
+    # normalised: 1 error (straße/strasse) in 4 + 2 + 2 words; ß and umlauts kept
+    assert report["wer_normalised"] == pytest.approx(1 / 8)
+    assert normalise("Größe Übel") == "größe übel"
+    # orthographic: case and punctuation count
+    assert report["wer_orthographic"] == pytest.approx(jiwer.wer(refs, [h for h in hyps]))
+    assert report["per_source"]["b"]["wer_normalised"] == 0.0
+    assert "BasicTextNormalizer" in report["normaliser"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo-learns")
+    # demo-tiny.toml's settings (batch 8, lr 1e-3 ...), shortened to fit a test
+    result = run_trainer(
+        1,
+        demo_shards,
+        run_dir,
+        "--batch-size",
+        "8",
+        "--bucket-buffer",
+        "64",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "20",
+        "--max-steps",
+        str(DEMO_STEPS),
+        "--eval-every",
+        "0",
+        "--eval-at-start",
+        "true",
+        "--eval-limit",
+        "none",
+        "--eval-batch-size",
+        "30",
+        "--max-new-tokens",
+        "40",
+        "--save-every",
+        str(DEMO_STEPS),
+        "--log-every",
+        "20",
+        "--sample-log",
+        "false",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_demo_learns(demo_run):
+    evals = metrics(demo_run, "eval")
+    before, after = evals[0], evals[-1]
+    assert before["step"] == 0 and after["step"] == DEMO_STEPS
+    print(
+        f"normalised WER before {before['wer_normalised']:.3f}, after {after['wer_normalised']:.3f}"
+    )
+    assert before["wer_normalised"] >= 0.95
+    assert after["wer_normalised"] <= DEMO_AFTER_MAX
+
+
+@pytest.mark.slow
+def test_evaluate_cli_agrees_with_jiwer(demo_run, demo_shards, tmp_path):
+    output = tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--model",
+            str(demo_run / "best"),
+            "--shards",
+            str(demo_shards / "test"),
+            "--batch-size",
+            "30",
+            "--max-new-tokens",
+            "40",
+            "--num-workers",
+            "1",
+            "--output",
+            str(output),
+            "--worst",
+            "5",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    utterances = report["utterances"]
+    assert report["num_utterances"] == len(utterances) == 60
+    assert len({u["key"] for u in utterances}) == 60
+    refs = [u["reference"] for u in utterances]
+    hyps = [u["hypothesis"] for u in utterances]
+    # recomputed independently of trainer.metrics
+    normaliser = BasicTextNormalizer()
+    norm_refs = [" ".join(normaliser(r).split()) for r in refs]
+    norm_hyps = [" ".join(normaliser(h).split()) for h in hyps]
+    assert report["wer_normalised"] == pytest.approx(jiwer.wer(norm_refs, norm_hyps))
+    assert report["wer_orthographic"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert report["cer_orthographic"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert f"{100 * report['wer_normalised']:6.2f} %" in result.stdout
+    assert "BasicTextNormalizer" in result.stdout
+    assert report["real_time_factor"] > 0 and len(report["worst"]) == 5
+    # it agrees with what training measured at its last step
+    last = metrics(demo_run, "eval")[-1]
+    assert report["wer_normalised"] == pytest.approx(last["wer_normalised"], abs=0.02)
+
+
+def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypatch, capsys):
+    """A folder with model.bin is decoded through trainer.ct2_backend (faked here)."""
+    folder = tmp_path / "ct2"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"")
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((TINY_MODEL / name).read_bytes())
+    calls = []
+
+    class FakeTranscriber:  # the interface of trainer.ct2_backend.CT2Transcriber
+        def __init__(self, path, device="cpu", compute_type="default"):
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            calls.append(("init", path, device))
+
+        def prefix_tokens(self, language="de", task="transcribe"):
+            names = ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"]
+            return [self.tokenizer.token_to_id(name) for name in names]
+
+        def generate_tokens(self, features, prefix_tokens, max_length, beam_size):
+            calls.append(("generate", features.shape, list(prefix_tokens)))
+            return [[] for _ in range(features.shape[0])]
+
+        def decode(self, ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    monkeypatch.setitem(
+        sys.modules, "trainer.ct2_backend", types.SimpleNamespace(CT2Transcriber=FakeTranscriber)
+    )
+    from trainer import evaluate
+
+    output = tmp_path / "r.json"
+    code = evaluate.main(
+        [
+            "--model",
+            str(folder),
+            "--shards",
+            str(demo_shards / "test"),
+            "--limit",
+            "4",
+            "--num-workers",
+            "0",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["backend"] == "ctranslate2" and report["num_utterances"] == 4
+    generate = [c for c in calls if c[0] == "generate"]
+    assert generate and generate[0][1][1:] == (80, 3000)
+    assert (
+        generate[0][2]
+        == json.loads((demo_shards / "test" / "manifest.json").read_text())["prefix_tokens"]
+    )
+    assert "ctranslate2" in capsys.readouterr().out
