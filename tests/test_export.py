@@ -157,6 +157,8 @@ def test_ct2_transcriber_batch_equals_hf_at_every_length(tiny_model, float32_exp
         assert all(len(ids) <= new_tokens for ids in ours)
         assert all(transcriber.eot_id not in ids and ids[:1] != prefix[:1] for ids in ours)
     assert isinstance(transcriber.decode(ours[0]), str)
+    beams = transcriber.generate_tokens(features, prefix, max_length=5, beam_size=2)
+    assert len(beams) == 3 and all(len(ids) <= 5 for ids in beams)
 
 
 def test_ct2_transcriber_rejects_features_of_the_wrong_shape(float32_export):
