@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         report = export(config)
+    except ImportError as error:
+        print(
+            f"error: {error}; install the export extra: pip install -e '.[export]'", file=sys.stderr
+        )
+        return 2
     except (ExportError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
