@@ -132,6 +132,9 @@ def remove_temporaries(run_dir: str | Path) -> None:
 def save_hf_folder(model, processor, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
+    # transformers 5 folds the feature extractor into processor_config.json; faster-whisper and
+    # older transformers read preprocessor_config.json (for the mel-bin count), so write both.
+    processor.feature_extractor.to_json_file(str(Path(folder) / "preprocessor_config.json"))
 
 
 def save_checkpoint(
