@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole journey on the bundled German demo corpus, offline, on CPU, in a few minutes:
+# build shards → check them → train the tiny preset on 2 ranks → evaluate → export for
+# faster-whisper → evaluate the export. Everything lands in out/demo/.
+#
+# MODEL=/path/to/whisper-base bash scripts/demo.sh  fine-tunes a real pretrained Whisper instead
+# (see docs/benchmarks.md for the WER it reaches).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-out/demo}
+MODEL=${MODEL:-}
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+if [ -z "$MODEL" ]; then
+    MODEL=config/models/tiny-whisper-de
+    TRAIN_CONFIG=config/demo-tiny.toml
+else
+    TRAIN_CONFIG=config/demo-whisper-base.toml
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "1/6 build shards from demo/corpus for $MODEL"
+"$PYTHON" -m shard_builder --dataset demo/corpus --model "$MODEL" --out "$OUT/shards" \
+    --shard-size 64 --workers 2
+
+step "2/6 prove the shards whole"
+"$PYTHON" scripts/check_shards.py "$OUT/shards" --deep --workers 2
+
+step "3/6 train on 2 CPU ranks (gloo)"
+OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --nproc_per_node=2 -m trainer \
+    --config "$TRAIN_CONFIG" --name-or-path "$MODEL" --shards "$OUT/shards" \
+    --output-dir "$OUT/run"
+
+step "4/6 evaluate the best checkpoint on the demo test split"
+"$PYTHON" -m trainer.evaluate --model "$OUT/run/best" --shards "$OUT/shards/test" \
+    --output "$OUT/eval-best.json" --worst 5
+
+step "5/6 export for faster-whisper (int8)"
+"$PYTHON" -m trainer.export --model "$OUT/run/best" --out "$OUT/ct2-int8" --quantization int8
+
+step "6/6 evaluate the export on the same shards"
+"$PYTHON" -m trainer.evaluate --model "$OUT/ct2-int8" --shards "$OUT/shards/test" \
+    --output "$OUT/eval-ct2.json"
+
+printf '\nDone. Run folder: %s/run (tensorboard --logdir %s/run), reports: %s/eval-*.json\n' \
+    "$OUT" "$OUT" "$OUT"

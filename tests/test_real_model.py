@@ -1,0 +1,254 @@
+"""Real-model acceptance: a pretrained Whisper through the whole journey, and it really learns.
+
+Tiny random models prove that code runs; only a real Whisper proves that the prefix tokens, the
+generation config, the stored features, the on-device padding and the loss are right. These
+tests use whisper-base (80 bins, multilingual), found through WHISPER_BASE_DIR; they are skipped,
+with the reason, where it is absent. The journey they follow is the README's: build shards →
+evaluate the untouched model → fine-tune on 2 CPU ranks → evaluate → export → faster-whisper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+import soxr
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+from shard_builder.contract import load_manifest, npy_from_bytes
+from tests.conftest import DEMO_CORPUS, REPO, build_shards
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+BASE_IDS = {
+    "<|startoftranscript|>": 50258,
+    "<|de|>": 50261,
+    "<|transcribe|>": 50359,
+    "<|notimestamps|>": 50363,
+    "<|endoftext|>": 50257,
+}
+FINE_TUNE_CONFIG = REPO / "config" / "demo-whisper-base.toml"
+MAX_NEW_TOKENS = 96
+
+
+def run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def evaluate(model: Path, shards: Path, output: Path) -> dict:
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--model",
+            str(model),
+            "--shards",
+            str(shards / "test"),
+            "--batch-size",
+            "16",
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--num-workers",
+            "0",
+            "--output",
+            str(output),
+        ],
+        timeout=900,
+    )
+    return json.loads(output.read_text())
+
+
+@pytest.fixture(scope="module")
+def base_shards(whisper_base_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base-shards")
+    result = build_shards(out, whisper_base_dir, workers=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def untouched_report(whisper_base_dir, base_shards, tmp_path_factory) -> dict:
+    return evaluate(
+        whisper_base_dir, base_shards, tmp_path_factory.mktemp("eval") / "untouched.json"
+    )
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(whisper_base_dir, base_shards, tmp_path_factory) -> Path:
+    """The README's training command, on 2 CPU ranks with gloo; returns RUN/best."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer",
+            "--config",
+            str(FINE_TUNE_CONFIG),
+            "--name-or-path",
+            str(whisper_base_dir),
+            "--shards",
+            str(base_shards),
+            "--output-dir",
+            str(run_dir),
+        ],
+        timeout=1500,
+    )
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    return run_dir / "best"
+
+
+def demo_test_rows(shards: Path) -> list[dict]:
+    """The demo test rows that became samples, with their 16 kHz audio decoded here directly."""
+    rejected = {json.loads(line)["id"] for line in (shards / "test" / "rejects.jsonl").open()}
+    table = pq.read_table(next((DEMO_CORPUS / "data").glob("test-*.parquet")))
+    rows = []
+    for row_id, (clip, text) in enumerate(
+        zip(
+            table.column("audio").to_pylist(),
+            table.column("transkription").to_pylist(),
+            strict=True,
+        )
+    ):
+        if row_id in rejected:
+            continue
+        import io
+
+        audio, rate = soundfile.read(io.BytesIO(clip["bytes"]), dtype="float32", always_2d=True)
+        audio = audio.mean(axis=1)
+        if rate != 16000:
+            audio = soxr.resample(audio, rate, 16000)
+        rows.append({"id": row_id, "text": text, "audio": audio.astype(np.float32)})
+    return rows
+
+
+def hf_pipeline_transcripts(model_dir: Path, rows: list[dict]) -> list[str]:
+    """Hugging Face's own way: WhisperFeatureExtractor on the audio, generate(), greedy."""
+    processor = WhisperProcessor.from_pretrained(model_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    texts = []
+    for start in range(0, len(rows), 16):
+        batch = [row["audio"] for row in rows[start : start + 16]]
+        features = processor.feature_extractor(
+            batch, sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        with torch.no_grad():
+            ids = model.generate(
+                features,
+                language="de",
+                task="transcribe",
+                num_beams=1,
+                do_sample=False,
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
+        texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return texts
+
+
+def normalised_wer(references: list[str], hypotheses: list[str]) -> float:
+    normalise = BasicTextNormalizer()
+    pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses, strict=True)]
+    pairs = [(r, h) for r, h in pairs if r.strip()]
+    return jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
+
+
+def test_shards_for_whisper_base_carry_its_real_ids_and_80_bins(base_shards):
+    for split in ("train", "test"):
+        manifest = load_manifest(base_shards / split)
+        assert manifest["features"]["n_mels"] == 80
+        assert manifest["prefix_tokens"] == [50258, 50261, 50359, 50363]
+        assert manifest["tokenizer"]["eot_id"] == BASE_IDS["<|endoftext|>"]
+        shard = base_shards / split / manifest["shards"][0]["name"]
+        import tarfile
+
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".tokens.npy"))
+            tokens = npy_from_bytes(tar.extractfile(member).read())
+        assert list(tokens[:4]) == [50258, 50261, 50359, 50363] and tokens[-1] == 50257
+    processor = WhisperProcessor.from_pretrained(os.environ["WHISPER_BASE_DIR"])
+    assert {t: processor.tokenizer.convert_tokens_to_ids(t) for t in BASE_IDS} == BASE_IDS
+
+
+def test_evaluate_agrees_with_the_hugging_face_pipeline(
+    whisper_base_dir, base_shards, untouched_report
+):
+    """Stored trimmed features + on-device padding + our decoding setup = HF's own pipeline."""
+    rows = demo_test_rows(base_shards)
+    assert len(rows) == untouched_report["num_utterances"]
+    reference_wer = normalised_wer(
+        [r["text"] for r in rows], hf_pipeline_transcripts(whisper_base_dir, rows)
+    )
+    ours = untouched_report["wer_normalised"]
+    print(
+        f"untouched whisper-base, normalised WER: trainer.evaluate {ours:.4f}, "
+        f"HF pipeline {reference_wer:.4f}"
+    )
+    assert abs(ours - reference_wer) <= 0.01
+    assert 0.3 < ours < 0.9  # the documented ~60 %: a real model decoding real German
+
+
+def test_fine_tuning_halves_the_wer(base_shards, untouched_report, fine_tuned, tmp_path):
+    after = evaluate(fine_tuned, base_shards, tmp_path / "fine-tuned.json")
+    before_wer, after_wer = untouched_report["wer_normalised"], after["wer_normalised"]
+    print(
+        f"normalised WER on the demo test split: untouched {before_wer:.4f}, "
+        f"fine-tuned {after_wer:.4f}"
+    )
+    assert after_wer <= before_wer / 2
+
+
+def test_faster_whisper_export_transcribes_like_the_hf_model(base_shards, fine_tuned, tmp_path):
+    from faster_whisper import WhisperModel
+
+    export = tmp_path / "ct2"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--model",
+            str(fine_tuned),
+            "--out",
+            str(export),
+            "--quantization",
+            "float32",
+        ],
+        timeout=900,
+    )
+    rows = demo_test_rows(base_shards)
+    hf_texts = hf_pipeline_transcripts(fine_tuned, rows)
+    model = WhisperModel(str(export), device="cpu", compute_type="float32", cpu_threads=2)
+    ct2_texts = []
+    for row in rows:
+        segments, _ = model.transcribe(
+            row["audio"],
+            language="de",
+            task="transcribe",
+            beam_size=1,
+            temperature=0.0,
+            without_timestamps=True,
+            condition_on_previous_text=False,
+            vad_filter=False,
+        )
+        ct2_texts.append("".join(segment.text for segment in segments).strip())
+    same = sum(a == b for a, b in zip(hf_texts, ct2_texts, strict=True))
+    print(f"faster-whisper (float32) = HF greedy on {same}/{len(rows)} demo test utterances")
+    assert same >= 0.95 * len(rows)
