@@ -227,3 +227,61 @@ def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypat
         == json.loads((demo_shards / "test" / "manifest.json").read_text())["prefix_tokens"]
     )
     assert "ctranslate2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_pretrained_whisper_base_learns_the_demo(whisper_base_dir, tmp_path_factory):
+    """The tiny preset cannot learn acoustics in a test's time; a pretrained Whisper can:
+    whisper-base (frozen encoder) fine-tuned briefly on the demo train split."""
+    from tests.conftest import build_shards
+
+    shards = tmp_path_factory.mktemp("base-shards")
+    built = build_shards(shards, whisper_base_dir)
+    assert built.returncode == 0, built.stderr[-3000:]
+    run_dir = tmp_path_factory.mktemp("base-run")
+    result = run_trainer(
+        1,
+        shards,
+        run_dir,
+        "--config",
+        str(REPO / "config" / "demo-tiny.toml"),
+        "--name-or-path",
+        str(whisper_base_dir),
+        "--freeze-encoder",
+        "true",
+        "--batch-size",
+        "8",
+        "--bucket-buffer",
+        "64",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "2",
+        "--schedule",
+        "constant",
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "0",
+        "--eval-at-start",
+        "true",
+        "--eval-limit",
+        "30",
+        "--eval-batch-size",
+        "15",
+        "--max-new-tokens",
+        "40",
+        "--save-every",
+        "20",
+        "--sample-log",
+        "false",
+        timeout=1500,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    evals = metrics(run_dir, "eval")
+    before, after = evals[0]["wer_normalised"], evals[-1]["wer_normalised"]
+    print(f"whisper-base normalised WER on 30 demo test utterances: {before:.3f} -> {after:.3f}")
+    assert after < before - 0.15
