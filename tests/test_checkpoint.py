@@ -20,10 +20,25 @@ def tiny():
 
 def _save(run_dir, step, model, processor, best_step=-1):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    state = {"step": step, "epoch": 0, "batch_in_epoch": step, "best_metric": None,
-             "best_step": best_step, "scheduler": {"last_epoch": step}, "scaler": {}}
-    return ckpt.save_checkpoint(run_dir, step, model, processor, optimizer.state_dict(), state,
-                                [ckpt.capture_rng()], {"note": "test"})
+    state = {
+        "step": step,
+        "epoch": 0,
+        "batch_in_epoch": step,
+        "best_metric": None,
+        "best_step": best_step,
+        "scheduler": {"last_epoch": step},
+        "scaler": {},
+    }
+    return ckpt.save_checkpoint(
+        run_dir,
+        step,
+        model,
+        processor,
+        optimizer.state_dict(),
+        state,
+        [ckpt.capture_rng()],
+        {"note": "test"},
+    )
 
 
 def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
@@ -33,8 +48,9 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     training, optimizer, rng = ckpt.load_training_files(folder)  # weights_only=True
     assert training["step"] == 7 and training["batch_in_epoch"] == 7
     assert "state" in optimizer and len(rng) == 1
-    again, _ = load_model(ModelConfig(name_or_path=str(TINY_MODEL), init_seed=1,
-                                      gradient_checkpointing=False))
+    again, _ = load_model(
+        ModelConfig(name_or_path=str(TINY_MODEL), init_seed=1, gradient_checkpointing=False)
+    )
     ckpt.load_model_weights(again, folder)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -69,8 +85,9 @@ def test_temporaries_are_invisible_and_pruning_keeps_the_best(tiny, tmp_path):
 def test_killed_checkpoint_write_leaves_previous_one_loadable(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = ("--max-steps", "4", "--save-every", "2", "--eval-every", "0")
-    crashed = run_trainer(1, demo_shards, run_dir, *args,
-                          env={ckpt.CRASH_HOOK: "4"})  # SIGKILL half-way through step-4
+    crashed = run_trainer(
+        1, demo_shards, run_dir, *args, env={ckpt.CRASH_HOOK: "4"}
+    )  # SIGKILL half-way through step-4
     assert crashed.returncode != 0
     partial = run_dir / "checkpoints" / ".tmp-step-4"
     assert partial.is_dir() and (partial / "model.safetensors").exists()
