@@ -216,7 +216,16 @@ def test_fine_tuning_halves_the_wer(base_shards, untouched_report, fine_tuned, t
 
 
 def test_faster_whisper_export_transcribes_like_the_hf_model(base_shards, fine_tuned, tmp_path):
+    """faster-whisper's transcribe() on the demo audio = the HF model on the same input.
+
+    faster-whisper computes its own log-mel and pads it to 3000 frames with zeros, where
+    Hugging Face (and OpenAI, and these shards) pad the waveform, which gives every padded frame
+    the clip's pad value. The HF side is therefore fed faster-whisper's own features, so that
+    what is compared is the exported model, not the two front ends (docs/conversion.md has the
+    measured effect of the front ends).
+    """
     from faster_whisper import WhisperModel
+    from faster_whisper.audio import pad_or_trim
 
     export = tmp_path / "ct2"
     run(
@@ -234,11 +243,12 @@ def test_faster_whisper_export_transcribes_like_the_hf_model(base_shards, fine_t
         timeout=900,
     )
     rows = demo_test_rows(base_shards)
-    hf_texts = hf_pipeline_transcripts(fine_tuned, rows)
-    model = WhisperModel(str(export), device="cpu", compute_type="float32", cpu_threads=2)
-    ct2_texts = []
+    faster = WhisperModel(str(export), device="cpu", compute_type="float32", cpu_threads=2)
+    processor = WhisperProcessor.from_pretrained(fine_tuned)
+    model = WhisperForConditionalGeneration.from_pretrained(fine_tuned, dtype=torch.float32)
+    same = 0
     for row in rows:
-        segments, _ = model.transcribe(
+        segments, _ = faster.transcribe(
             row["audio"],
             language="de",
             task="transcribe",
@@ -248,7 +258,16 @@ def test_faster_whisper_export_transcribes_like_the_hf_model(base_shards, fine_t
             condition_on_previous_text=False,
             vad_filter=False,
         )
-        ct2_texts.append("".join(segment.text for segment in segments).strip())
-    same = sum(a == b for a, b in zip(hf_texts, ct2_texts, strict=True))
+        faster_text = "".join(segment.text for segment in segments).strip()
+        features = faster.feature_extractor(row["audio"])
+        features = pad_or_trim(features[:, : features.shape[-1] - 1])  # as transcribe() does
+        with torch.no_grad():
+            ids = model.eval().generate(
+                torch.from_numpy(features[None]).float(),
+                language="de",
+                task="transcribe",
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
+        same += processor.batch_decode(ids, skip_special_tokens=True)[0].strip() == faster_text
     print(f"faster-whisper (float32) = HF greedy on {same}/{len(rows)} demo test utterances")
     assert same >= 0.95 * len(rows)
