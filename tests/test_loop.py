@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 
 import pytest
-import tomllib
 import torch
 
 from tests._trainer_run import REPO

@@ -18,13 +18,12 @@ import argparse
 import dataclasses
 import json
 import os
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
