@@ -58,7 +58,9 @@ class LogMelExtractor:
         stft = torch.stft(
             signal, N_FFT, HOP_LENGTH, window=self.window, center=True, return_complex=True
         )
-        power = stft[:, :n_frames].abs() ** 2
+        # |z|^2 as re^2 + im^2: abs() would take a square root only to square it again.
+        kept = stft[:, :n_frames]
+        power = kept.real.square() + kept.imag.square()
         log_spec = torch.clamp(self.mel_filters @ power, min=1e-10).log10()
         log10_max = float(log_spec.max())
         log_spec = torch.maximum(log_spec, torch.tensor(log10_max - 8.0))
