@@ -13,9 +13,7 @@ difference is the feature computation and what is stored.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from bench_common import model_with_bins  # noqa: E402
 from transformers import WhisperFeatureExtractor, WhisperTokenizer  # noqa: E402
 
 from shard_builder.audio import RejectedRow, decode_audio  # noqa: E402
@@ -37,23 +36,6 @@ from shard_builder.build import (  # noqa: E402
     plan_split,
 )
 from shard_builder.config import BuilderConfig  # noqa: E402
-
-
-def model_with_bins(model: str, n_mels: int, workdir: Path) -> str:
-    """A copy of a local model folder whose feature extractor has `n_mels` bins."""
-    copy = workdir / f"model-{n_mels}"
-    shutil.copytree(model, copy)
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = copy / name
-        if path.is_file():
-            config = json.loads(path.read_text())
-            section = config.get("feature_extractor", config)
-            section["feature_size"] = n_mels
-            path.write_text(json.dumps(config))
-    config = json.loads((copy / "config.json").read_text())
-    config["num_mel_bins"] = n_mels
-    (copy / "config.json").write_text(json.dumps(config))
-    return str(copy)
 
 
 def reencode(dataset_dir: str, split: str, fmt: str, workdir: Path) -> str:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from bench_common import model_with_bins  # noqa: E402
 
 from shard_builder.contract import MANIFEST_NAME, MAX_FRAMES, load_manifest  # noqa: E402
 from trainer import sampling  # noqa: E402
@@ -38,24 +39,6 @@ from trainer.data import (  # noqa: E402
     iter_span_samples,
     pad_features_to_full,
 )
-
-
-def model_with_bins(model: str, n_mels: int, workdir: Path) -> Path:
-    """A copy of a local model folder whose feature extractor computes `n_mels` bins."""
-    copy = workdir / f"model-{n_mels}"
-    shutil.copytree(model, copy)
-    edits = (
-        ("preprocessor_config.json", None, "feature_size"),
-        ("processor_config.json", "feature_extractor", "feature_size"),  # read first, if present
-        ("config.json", None, "num_mel_bins"),
-    )
-    for name, section, key in edits:
-        path = copy / name
-        if path.is_file():
-            config = json.loads(path.read_text())
-            (config.get(section, {}) if section else config)[key] = n_mels
-            path.write_text(json.dumps(config))
-    return copy
 
 
 def build_shards(dataset: str, model: Path, out: Path) -> Path:

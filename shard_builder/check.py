@@ -18,7 +18,6 @@ docs/checking.md lists what each mode catches.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import multiprocessing
@@ -49,6 +48,7 @@ from shard_builder.contract import (
     npy_from_bytes,
     sample_key,
 )
+from shard_builder.writer import file_sha256
 
 BLOCK = 512  # tar block size: headers and member data are aligned to it
 ZERO_BLOCK = bytes(BLOCK)
@@ -213,14 +213,6 @@ def group_samples(members: list[Member]) -> tuple[list[tuple[str, dict[str, Memb
         if extra:
             problems.append(f"sample {key} has unexpected member(s) {', '.join(extra)}")
     return samples, problems
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- one shard (runs in a worker process) -------------------------------------------------------

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shard_builder.writer import fsync_dir
+
 log = logging.getLogger("trainer")
 
 CHECKPOINTS = "checkpoints"
@@ -109,15 +111,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_dir(folder)
 
 
 def remove_temporaries(run_dir: str | Path) -> None:
@@ -165,7 +159,7 @@ def save_checkpoint(
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
     os.replace(temporary, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -179,7 +173,7 @@ def save_best(run_dir: str | Path, model, processor) -> Path:
     if final.exists():
         os.replace(final, old)
     os.replace(temporary, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
