@@ -45,7 +45,6 @@ from shard_builder.tokens import TargetEncoder
 from shard_builder.writer import ShardWriter, atomic_write_bytes, atomic_write_json
 
 RECORDS_DIR = ".build"  # per-shard records, merged into the manifest when the split is complete
-MAX_SECONDS = MAX_FRAMES * HOP_LENGTH / SAMPLING_RATE
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,26 @@ def init_worker(config: BuilderConfig, progress: Any = None) -> None:
     _worker.update(
         config=config,
         source=open_source(config.dataset, config.revision, columns_of(config)),
-        extractor=LogMelExtractor(feature_extractor.mel_filters),
+        extractor=LogMelExtractor(feature_extractor.mel_filters, window_frames(feature_extractor)),
         encoder=TargetEncoder(tokenizer, config.language, config.task),
         progress=progress,
     )
+
+
+def window_frames(feature_extractor: Any) -> int:
+    """The model's input window in frames: 3000 (30 s) for every released Whisper.
+
+    Read from the processor rather than assumed, so a small model with a shorter window (the
+    demo preset) gets features its encoder accepts and clips it cannot hear are rejected here.
+    """
+    frames = int(feature_extractor.nb_max_frames)
+    if frames < 1 or frames > MAX_FRAMES or feature_extractor.hop_length != HOP_LENGTH:
+        raise BuildError(
+            f"unsupported feature extractor window: nb_max_frames={frames}, hop_length="
+            f"{feature_extractor.hop_length} (Whisper uses at most {MAX_FRAMES} frames of "
+            f"{HOP_LENGTH} samples)"
+        )
+    return frames
 
 
 def columns_of(config: BuilderConfig) -> Columns:
@@ -90,8 +105,12 @@ def make_sample(row: Row, split: str) -> tuple[str, dict[str, bytes], float]:
     tokens = _worker["encoder"](row.text)
     waveform = decode_audio(row.audio_bytes)
     duration = waveform.size / SAMPLING_RATE
-    if duration > MAX_SECONDS:
-        raise RejectedRow("too_long", f"{duration:.2f} s, Whisper takes at most {MAX_SECONDS:.0f}")
+    max_samples = _worker["extractor"].max_samples
+    if waveform.size > max_samples:
+        raise RejectedRow(
+            "too_long",
+            f"{duration:.2f} s, the model's window is {max_samples / SAMPLING_RATE:g} s",
+        )
     mel = _worker["extractor"](waveform)
     meta = {
         "id": row.row_id,
@@ -170,6 +189,7 @@ def settings_fingerprint(config: BuilderConfig, split: str) -> dict[str, Any]:
         "split": split,
         "tokenizer": _worker["encoder"].identity()["fingerprint"],
         "n_mels": _worker["extractor"].n_mels,
+        "max_frames": _worker["extractor"].max_frames,
         "language": config.language,
         "task": config.task,
         "shard_size": config.shard_size,
@@ -370,7 +390,7 @@ def make_manifest(config, split, records, rejects, num_rows) -> dict[str, Any]:
             "n_fft": N_FFT,
             "hop_length": HOP_LENGTH,
             "dtype": "float16",
-            "max_frames": MAX_FRAMES,
+            "max_frames": _worker["extractor"].max_frames,
         },
         "tokenizer": {**encoder.identity(), "language": config.language, "task": config.task},
         "prefix_tokens": encoder.prefix_tokens,

@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from shard_builder.contract import (
     MANIFEST_NAME,
-    MAX_FRAMES,
     MAX_TARGET_POSITIONS,
     MEL_MEMBER,
     MEMBERS,
@@ -45,6 +44,7 @@ from shard_builder.contract import (
     TOKENS_MEMBER,
     ContractError,
     load_manifest,
+    max_frames_of,
     npy_from_bytes,
     sample_key,
 )
@@ -224,6 +224,7 @@ class SampleRules:
 
     split: str
     n_mels: int
+    max_frames: int
     prefix_tokens: tuple[int, ...]
     eot_id: int
     token_id_limit: int
@@ -328,8 +329,8 @@ def mel_problems(data: bytes, rules: SampleRules) -> list[str]:
         return [f"mel is {mel.dtype}, expected float16"]
     if mel.ndim != 2 or mel.shape[0] != rules.n_mels:
         return [f"mel has shape {list(mel.shape)}, expected [{rules.n_mels}, frames]"]
-    if not 1 <= mel.shape[1] <= MAX_FRAMES:
-        problems.append(f"mel has {mel.shape[1]} frames, expected 1..{MAX_FRAMES}")
+    if not 1 <= mel.shape[1] <= rules.max_frames:
+        problems.append(f"mel has {mel.shape[1]} frames, expected 1..{rules.max_frames}")
     if not np.isfinite(mel).all():
         problems.append(f"mel holds {np.count_nonzero(~np.isfinite(mel))} NaN/inf values")
     return problems
@@ -469,6 +470,7 @@ def sample_rules(manifest: dict[str, Any], split: str) -> SampleRules:
     return SampleRules(
         split=manifest.get("split", split),
         n_mels=int(manifest["features"]["n_mels"]),
+        max_frames=max_frames_of(manifest),
         prefix_tokens=prefix,
         eot_id=int(tokenizer["eot_id"]),
         token_id_limit=token_id_limit(int(tokenizer["vocab_size"]), prefix),

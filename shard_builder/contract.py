@@ -24,7 +24,7 @@ META_MEMBER = "json"
 MEMBERS = (MEL_MEMBER, TOKENS_MEMBER, META_MEMBER)
 REQUIRED_META_FIELDS = ("id", "text", "source", "duration", "pad_value")
 
-MAX_FRAMES = 3000  # the HF encoder accepts exactly 30 s = 3000 frames
+MAX_FRAMES = 3000  # every released Whisper's encoder takes exactly 30 s = 3000 frames
 MAX_TARGET_POSITIONS = 448  # the decoder's position table
 SAMPLING_RATE = 16000
 N_FFT = 400
@@ -44,12 +44,18 @@ def sample_key(split: str, row_id: int) -> str:
     return f"{split}-{row_id:09d}"
 
 
-def frames_touching_audio(num_samples: int) -> int:
+def frames_touching_audio(num_samples: int, max_frames: int = MAX_FRAMES) -> int:
     """How many STFT frames of a clip of `num_samples` touch real audio (centre frames, n_fft 400).
 
     Frame t covers samples [160 t - 200, 160 t + 200); it touches audio when 160 t - 200 < len.
+    `max_frames` is the model's window (`2 * max_source_positions`), 3000 for released Whispers.
     """
-    return min(MAX_FRAMES, (num_samples + N_FFT // 2 - 1) // HOP_LENGTH + 1)
+    return min(max_frames, (num_samples + N_FFT // 2 - 1) // HOP_LENGTH + 1)
+
+
+def max_frames_of(manifest: dict[str, Any]) -> int:
+    """The encoder window a split was built for; manifests always record it."""
+    return int(manifest["features"].get("max_frames", MAX_FRAMES))
 
 
 def pad_value_for(log10_max: float) -> float:

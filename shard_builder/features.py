@@ -1,9 +1,10 @@
 """Whisper's log-mel features, computed only for the frames that touch real audio.
 
-Padding a clip to 30 s happens on the waveform before the STFT, so every frame past the audio
-holds one value per clip (`contract.pad_value_for`). Storing only the frames before that value
-begins, plus the value itself, reproduces `WhisperFeatureExtractor` exactly once the trainer pads
-back to 3000 frames, at a fraction of the bytes and compute (DESIGN.md).
+Padding a clip to the model's window (30 s for every released Whisper) happens on the waveform
+before the STFT, so every frame past the audio holds one value per clip
+(`contract.pad_value_for`). Storing only the frames before that value begins, plus the value
+itself, reproduces `WhisperFeatureExtractor` exactly once the trainer pads back to the window's
+frames (3000), at a fraction of the bytes and compute (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from shard_builder.contract import (
     pad_value_for,
 )
 
-FULL_SAMPLES = MAX_FRAMES * HOP_LENGTH  # 480000 = 30 s at 16 kHz
-
 
 @dataclass(frozen=True)
 class LogMel:
@@ -33,23 +32,29 @@ class LogMel:
 class LogMelExtractor:
     """Computes trimmed Whisper log-mel features with torch.stft on one thread."""
 
-    def __init__(self, mel_filters: np.ndarray) -> None:
+    def __init__(self, mel_filters: np.ndarray, max_frames: int = MAX_FRAMES) -> None:
         # mel_filters as WhisperFeatureExtractor holds them: [n_fft // 2 + 1, n_mels].
         self.mel_filters = torch.from_numpy(np.asarray(mel_filters, dtype=np.float32)).T
         self.window = torch.hann_window(N_FFT)
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be positive, got {max_frames}")
+        self.max_frames = max_frames  # the model's window: 3000 frames = 30 s for real Whispers
+        self.max_samples = max_frames * HOP_LENGTH
 
     @property
     def n_mels(self) -> int:
         return self.mel_filters.shape[0]
 
     def __call__(self, waveform: np.ndarray) -> LogMel:
-        if waveform.ndim != 1 or waveform.size == 0 or waveform.size > FULL_SAMPLES:
-            raise ValueError(f"need a mono clip of 1..{FULL_SAMPLES} samples, got {waveform.shape}")
-        n_frames = frames_touching_audio(waveform.size)
+        if waveform.ndim != 1 or waveform.size == 0 or waveform.size > self.max_samples:
+            raise ValueError(
+                f"need a mono clip of 1..{self.max_samples} samples, got {waveform.shape}"
+            )
+        n_frames = frames_touching_audio(waveform.size, self.max_frames)
         audio = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
-        if n_frames == MAX_FRAMES:
-            # The last frames reach the reflection of the 30 s boundary: use the full padding.
-            signal = torch.nn.functional.pad(audio, (0, FULL_SAMPLES - audio.numel()))
+        if n_frames == self.max_frames:
+            # The last frames reach the reflection of the window's end: use the full padding.
+            signal = torch.nn.functional.pad(audio, (0, self.max_samples - audio.numel()))
         else:
             # Zeros up to the right edge of the last kept frame; frames beyond are discarded, so
             # the reflection torch adds at this shorter end never reaches a kept frame.
@@ -68,8 +73,8 @@ class LogMelExtractor:
         return LogMel(log_spec.to(torch.float16).numpy(), pad_value_for(log10_max))
 
 
-def pad_to_full(features: np.ndarray, pad_value: float) -> np.ndarray:
-    """Pad stored frames back to Whisper's 3000 (reference use; the trainer does this on device)."""
-    full = np.full((features.shape[0], MAX_FRAMES), pad_value, dtype=np.float32)
+def pad_to_full(features: np.ndarray, pad_value: float, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """Pad stored frames back to the window (reference use; the trainer does this on device)."""
+    full = np.full((features.shape[0], max_frames), pad_value, dtype=np.float32)
     full[:, : features.shape[1]] = features
     return full

@@ -38,22 +38,39 @@ def read_samples(shard: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-@pytest.mark.parametrize("n_mels", [80, 128])
-def test_padded_features_match_whisper_feature_extractor(n_mels):
-    reference = WhisperFeatureExtractor(feature_size=n_mels)
-    extractor = LogMelExtractor(reference.mel_filters)
+@pytest.mark.parametrize(
+    ("n_mels", "window_seconds", "seconds"),
+    [
+        (80, 30, SECONDS),
+        (128, 30, SECONDS),
+        # A smaller model's shorter window (the demo preset's 5 s): the edge moves with it.
+        (80, 5, [0.1, 1.0, 3.3, 4.99, 5.0]),
+    ],
+)
+def test_padded_features_match_whisper_feature_extractor(n_mels, window_seconds, seconds):
+    reference = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=window_seconds)
+    extractor = LogMelExtractor(reference.mel_filters, reference.nb_max_frames)
+    assert extractor.max_frames == window_seconds * 100
     rng = np.random.default_rng(n_mels)
-    for seconds in SECONDS:
+    for duration in seconds:
         # Speech-like: noise under a slow envelope, at a random level.
-        t = np.arange(int(seconds * 16000)) / 16000
+        t = np.arange(int(duration * 16000)) / 16000
         envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t)
         audio = (rng.standard_normal(t.size) * envelope * rng.uniform(0.01, 0.5)).astype(np.float32)
         expected = reference(audio, sampling_rate=16000, return_tensors="np").input_features[0]
         stored = extractor(audio)
         assert stored.features.dtype == np.float16
-        assert stored.features.shape[1] == min(3000, (audio.size + 199) // 160 + 1)
-        restored = pad_to_full(stored.features.astype(np.float32), stored.pad_value)
-        assert np.abs(restored - expected).max() < 1e-3, seconds
+        assert stored.features.shape[1] == min(extractor.max_frames, (audio.size + 199) // 160 + 1)
+        restored = pad_to_full(
+            stored.features.astype(np.float32), stored.pad_value, expected.shape[1]
+        )
+        assert np.abs(restored - expected).max() < 1e-3, duration
+
+
+def test_extractor_refuses_a_clip_longer_than_its_window():
+    extractor = LogMelExtractor(WhisperFeatureExtractor(feature_size=80).mel_filters, 500)
+    with pytest.raises(ValueError, match="1..80000 samples"):
+        extractor(np.zeros(80001, np.float32))
 
 
 def test_stored_frames_end_where_the_pad_value_begins():
@@ -137,10 +154,11 @@ def test_demo_shards_honour_the_contract(demo_shards):
                 mel = npy_from_bytes(members["mel.npy"])
                 tokens = npy_from_bytes(members["tokens.npy"])
                 meta = json.loads(members["json"])
-                assert mel.dtype == np.float16 and mel.shape[0] == 80 and 1 <= mel.shape[1] <= 3000
+                assert mel.dtype == np.float16 and mel.shape[0] == 80
+                assert 1 <= mel.shape[1] <= manifest["features"]["max_frames"] == 500
                 assert tokens.dtype == np.int32 and tokens[-1] == 50257
                 assert {"id", "text", "source", "duration", "pad_value"} <= set(meta)
-                assert 0 < meta["duration"] <= 30
+                assert 0 < meta["duration"] <= 5  # the tiny preset's window
                 keys.add(key)
         assert len(keys) == manifest["num_samples"]
 
@@ -163,7 +181,9 @@ def test_stored_sample_matches_the_extractor_on_its_own_audio(demo_shards):
         audio = decode_audio(table.column("audio")[meta["id"]].as_py()["bytes"])
         expected = reference(audio, sampling_rate=16000, return_tensors="np").input_features[0]
         mel = npy_from_bytes(members["mel.npy"]).astype(np.float32)
-        assert np.abs(pad_to_full(mel, meta["pad_value"]) - expected).max() < 1e-3
+        assert expected.shape[1] == manifest["features"]["max_frames"] == 500  # the 5 s preset
+        restored = pad_to_full(mel, meta["pad_value"], expected.shape[1])
+        assert np.abs(restored - expected).max() < 1e-3
 
 
 def test_shards_are_byte_identical_whatever_the_worker_count(demo_shards, tmp_path):

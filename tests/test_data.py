@@ -250,6 +250,31 @@ def test_same_epoch_and_seed_repeat_different_epochs_differ(uneven_split):
     assert first != batch_keys(other_seed.batches(epoch=1))
 
 
+def test_batches_are_regrouped_every_epoch(tmp_path):
+    """Samples are shuffled inside each shard per epoch, so a bucket buffer smaller than a shard
+    (64 of 1000 samples on the real dataset) holds different samples each epoch, and so does each
+    batch cut from it. In stored order the same buffers, hence the same batches, came back every
+    epoch, which kept the tiny demo model from learning the acoustics."""
+    write_split(tmp_path / "train", [64, 64, 64])
+    data = TrainData(tmp_path / "train", config(num_workers=0, bucket_buffer=16), 0, 1)
+    epochs = [batch_keys(data.batches(epoch=epoch)) for epoch in range(3)]
+    groups = [{frozenset(keys) for keys in batches} for batches in epochs]
+    for first, second in [(0, 1), (1, 2)]:
+        shared = len(groups[first] & groups[second])
+        assert shared <= len(groups[first]) // 4, (first, second, shared)
+    for batches in epochs:  # still a permutation of the epoch's samples
+        flat = [key for keys in batches for key in keys]
+        assert len(flat) == len(set(flat)) == data.samples_per_epoch()
+
+
+def test_sample_order_inside_a_shard_is_a_seeded_permutation():
+    orders = [sampling.shard_sample_order(64, (0, epoch, 3)).tolist() for epoch in range(3)]
+    assert all(sorted(order) == list(range(64)) for order in orders)
+    assert orders[0] != orders[1] != orders[2]
+    assert sampling.shard_sample_order(64, (0, 1, 3)).tolist() == orders[1]
+    assert sampling.shard_sample_order(64, (0, 1, 4)).tolist() != orders[1]
+
+
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_resume_yields_exactly_the_tail(uneven_split, num_workers):
     data = TrainData(uneven_split, config(num_workers=num_workers, bucket_buffer=12), 1, 2)
@@ -398,14 +423,23 @@ def test_pad_features_to_full_restores_each_samples_pad_value():
 def test_check_split_accepts_the_matching_model(demo_shards):
     manifest = load_manifest(demo_shards / "train")
     n_mels, fingerprint = manifest["features"]["n_mels"], manifest["tokenizer"]["fingerprint"]
-    assert check_split(demo_shards / "train", n_mels, fingerprint) == manifest
+    assert check_split(demo_shards / "train", n_mels, fingerprint, 500) == manifest
+
+
+def test_check_split_names_both_windows(demo_shards):
+    """Shards cut for the tiny preset's 5 s window would crash a 30 s encoder mid-run."""
+    manifest = load_manifest(demo_shards / "train")
+    n_mels, fingerprint = manifest["features"]["n_mels"], manifest["tokenizer"]["fingerprint"]
+    with pytest.raises(DataMismatchError) as error:
+        check_split(demo_shards / "train", n_mels, fingerprint, 3000)
+    assert "500-frame input window" in str(error.value) and "takes 3000 frames" in str(error.value)
 
 
 def test_check_split_names_both_mel_counts(demo_shards):
     manifest = load_manifest(demo_shards / "train")
     n_mels = manifest["features"]["n_mels"]
     with pytest.raises(DataMismatchError) as error:
-        check_split(demo_shards / "train", n_mels + 48, manifest["tokenizer"]["fingerprint"])
+        check_split(demo_shards / "train", n_mels + 48, manifest["tokenizer"]["fingerprint"], 500)
     assert f"n_mels={n_mels}" in str(error.value) and f"n_mels={n_mels + 48}" in str(error.value)
 
 
@@ -413,15 +447,15 @@ def test_check_split_names_both_tokenizer_fingerprints(demo_shards):
     manifest = load_manifest(demo_shards / "train")
     theirs = manifest["tokenizer"]["fingerprint"]
     with pytest.raises(DataMismatchError) as error:
-        check_split(demo_shards / "train", manifest["features"]["n_mels"], "0123456789abcdef")
+        check_split(demo_shards / "train", manifest["features"]["n_mels"], "0123456789abcdef", 500)
     assert theirs in str(error.value) and "0123456789abcdef" in str(error.value)
 
 
 def test_check_split_refuses_a_folder_that_is_not_a_built_split(tmp_path):
     with pytest.raises(DataMismatchError, match="does not exist"):
-        check_split(tmp_path, 80, "x")
+        check_split(tmp_path, 80, "x", 3000)
     with pytest.raises(DataMismatchError, match="not a folder"):
-        check_split(tmp_path / "nothing", 80, "x")
+        check_split(tmp_path / "nothing", 80, "x", 3000)
 
 
 def test_bucketing_cuts_label_padding_on_demo_data(demo_shards):

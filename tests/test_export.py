@@ -161,10 +161,12 @@ def test_ct2_transcriber_batch_equals_hf_at_every_length(tiny_model, float32_exp
     assert len(beams) == 3 and all(len(ids) <= 5 for ids in beams)
 
 
-def test_ct2_transcriber_rejects_features_of_the_wrong_shape(float32_export):
+@pytest.mark.parametrize("shape", [(1, 128, 500), (1, 80, 3000)])
+def test_ct2_transcriber_rejects_features_of_the_wrong_shape(float32_export, shape):
     transcriber = CT2Transcriber(float32_export[0])
-    with pytest.raises(ValueError, match=r"\[batch, 80, 3000\]"):
-        transcriber.generate_tokens(np.zeros((1, 128, 3000), np.float32), [50258], 4)
+    assert transcriber.window_frames == 500  # read from the export's preprocessor_config.json
+    with pytest.raises(ValueError, match=r"\[batch, 80, 500\]"):
+        transcriber.generate_tokens(np.zeros(shape, np.float32), [50258], 4)
 
 
 def test_int8_export_loads_and_runs(tiny_model, float32_export, tmp_path):

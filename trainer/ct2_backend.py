@@ -15,7 +15,7 @@ import numpy as np
 # Whisper's decoder has 448 learned positions in every released size; a CTranslate2 export keeps
 # no copy of that number, and asking for more fails deep inside the decoder.
 DECODER_POSITIONS = 448
-FULL_FRAMES = 3000
+FULL_FRAMES = 3000  # the window of every released Whisper; a smaller model's export says its own
 EOT = "<|endoftext|>"
 
 
@@ -39,6 +39,7 @@ class CT2Transcriber:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.eot_id = self.tokenizer.token_to_id(EOT)
         self.n_mels = int(self.model.n_mels)
+        self.window_frames = export_window_frames(self.folder)
         self._length_is_halved: bool | None = None
 
     def prefix_tokens(self, language: str = "de", task: str = "transcribe") -> list[int]:
@@ -59,7 +60,8 @@ class CT2Transcriber:
     ) -> list[list[int]]:
         """Token ids per utterance, without the prefix and without `<|endoftext|>`.
 
-        features: float32 `[batch, n_mels, 3000]`, padded exactly like WhisperFeatureExtractor.
+        features: float32 `[batch, n_mels, window_frames]` (3000 for released Whispers), padded
+            exactly like WhisperFeatureExtractor.
         max_length: most tokens generated after the prefix (end token included), like Hugging
         Face's `max_new_tokens`; clamped to what the decoder's 448 positions leave.
         """
@@ -85,11 +87,11 @@ class CT2Transcriber:
 
     def _checked_features(self, features: Any) -> np.ndarray:
         features = np.ascontiguousarray(features, dtype=np.float32)
-        expected = (self.n_mels, FULL_FRAMES)
+        expected = (self.n_mels, self.window_frames)
         if features.ndim != 3 or features.shape[1:] != expected:
             raise ValueError(
-                f"features must be [batch, {self.n_mels}, {FULL_FRAMES}] for this model, got "
-                f"{list(features.shape)} (is the export's mel-bin count the model's?)"
+                f"features must be [batch, {self.n_mels}, {self.window_frames}] for this model, "
+                f"got {list(features.shape)} (are the export's mel bins and window the model's?)"
             )
         return features
 
@@ -118,7 +120,7 @@ class CT2Transcriber:
 
         # Suppressing the end token makes the decoder run until max_length stops it.
         max_length = len(prefix) + 15
-        silence = np.zeros((1, self.n_mels, FULL_FRAMES), dtype=np.float32)
+        silence = np.zeros((1, self.n_mels, self.window_frames), dtype=np.float32)
         result = self.model.generate(
             ctranslate2.StorageView.from_array(silence),
             [prefix],
@@ -127,3 +129,17 @@ class CT2Transcriber:
             suppress_tokens=[-1, self.eot_id],
         )
         return len(result[0].sequences_ids[0]) < max_length - len(prefix) + 1
+
+
+def export_window_frames(folder: Path) -> int:
+    """The encoder window of an export, from the preprocessor_config.json trainer.export writes.
+
+    A CTranslate2 model does not expose its encoder length; faster-whisper reads the same file.
+    """
+    import json
+
+    config_file = folder / "preprocessor_config.json"
+    if not config_file.is_file():
+        return FULL_FRAMES
+    extractor = json.loads(config_file.read_text(encoding="utf-8"))
+    return int(extractor.get("nb_max_frames", FULL_FRAMES))

@@ -93,14 +93,20 @@ class DataConfig:
 
 
 class DataMismatchError(ValueError):
-    """The shards were built for another model (mel bins, tokenizer) or are not a built split."""
+    """The shards were built for another model (mel bins, window, tokenizer) or are not a split."""
 
 
 # --- checking a split against the model --------------------------------------------------------
 
 
-def check_split(split_dir: str | Path, n_mels: int, tokenizer_fingerprint: str) -> dict[str, Any]:
-    """The split's manifest, once it is known to fit a model with these mel bins and tokenizer."""
+def check_split(
+    split_dir: str | Path,
+    n_mels: int,
+    tokenizer_fingerprint: str,
+    window_frames: int,
+) -> dict[str, Any]:
+    """The split's manifest, once it is known to fit a model with these mel bins, this input
+    window (`2 * max_source_positions` frames, 3000 for released Whispers) and this tokenizer."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataMismatchError(f"{split_dir} is not a folder: no built split there")
@@ -113,6 +119,13 @@ def check_split(split_dir: str | Path, n_mels: int, tokenizer_fingerprint: str) 
         raise DataMismatchError(
             f"{split_dir} holds features with n_mels={shard_mels} but the model expects "
             f"n_mels={n_mels}: rebuild the shards with this model's feature extractor"
+        )
+    shard_window = contract.max_frames_of(manifest)
+    if shard_window != window_frames:
+        raise DataMismatchError(
+            f"{split_dir} was built for a {shard_window}-frame input window but the model's "
+            f"encoder takes {window_frames} frames: rebuild the shards with this model's "
+            "preprocessor (its nb_max_frames)"
         )
     tokenizer = manifest["tokenizer"]
     if tokenizer["fingerprint"] != tokenizer_fingerprint:
@@ -190,6 +203,40 @@ def iter_shard_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str,
             )
 
 
+def index_shard(path: Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """(key, [(suffix, offset, size), ...]) of every sample, in stored order, headers only."""
+    samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+    with open(path, "rb") as handle:
+        for name, offset, size in iter_tar_members(handle):
+            key, _, suffix = name.partition(".")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            samples[-1][1].append((suffix, offset, size))
+    return samples
+
+
+def iter_shuffled_shard_samples(path: Path, span: sampling.Span) -> Iterator[tuple[str, dict]]:
+    """(key, members) at positions [start, stop) of the shard's order for this epoch.
+
+    The header index costs a read of 512 bytes per member; the samples are then read by offset,
+    so the shuffle needs no more memory than one sample.
+    """
+    index = index_shard(path)
+    if len(index) != span.shard_size:
+        raise contract.ContractError(
+            f"{path} holds {len(index)} samples, not the {span.shard_size} the manifest records"
+        )
+    order = sampling.shard_sample_order(span.shard_size, span.order_key)
+    with open(path, "rb") as handle:
+        for stored in order[span.start : span.stop]:
+            key, members = index[stored]
+            data = {}
+            for suffix, offset, size in members:
+                handle.seek(offset)
+                data[suffix] = handle.read(size)
+            yield key, data
+
+
 def decode_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
     missing = set(contract.MEMBERS) - set(members)
     if missing:
@@ -222,7 +269,11 @@ def npy_view(data: bytes) -> np.ndarray:
 def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Iterator[dict]:
     for span in spans:
         path = split_dir / shard_names[span.shard]
-        for key, members in iter_shard_samples(path, span.start, span.stop):
+        if span.order_key is None:
+            members_of_span = iter_shard_samples(path, span.start, span.stop)
+        else:
+            members_of_span = iter_shuffled_shard_samples(path, span)
+        for key, members in members_of_span:
             yield decode_sample(key, members)
 
 
@@ -230,7 +281,7 @@ def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Ite
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> one batch; features stay float16, the device pads them to 3000 frames.
+    """Samples -> one batch; features stay float16, the device pads them to the full window.
 
     features float16 [B, n_mels, T] (T = longest stored frames, each sample padded with its own
     pad value), pad_values float32 [B], num_frames int64 [B], tokens int64 [B, L] (full target
@@ -382,6 +433,8 @@ class TrainData:
             "batch_size": self.config.batch_size,
             "bucket_buffer": self.config.bucket_buffer,
             "seed": self.config.seed,
+            # Checkpoints from before samples were shuffled inside shards lack this: refused.
+            "sample_order": "shuffled-within-shard",
         }
 
     def batches(self, epoch: int, start_batch: int = 0) -> DataLoader:

@@ -49,7 +49,7 @@ class EvalConfig:
     )
 
 
-# --- decoders: features padded to 3000 frames in, text token ids out --------------------------
+# --- decoders: features padded to the model's window in, text out -----------------------------
 
 
 class HFDecoder:
@@ -58,6 +58,7 @@ class HFDecoder:
     def __init__(self, model, tokenizer, language: str, task: str, precision: str) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.language, self.task, self.precision = language, task, precision
+        self.window_frames = 2 * int(model.config.max_source_positions)
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +95,7 @@ class CT2Decoder:
         self.transcriber = CT2Transcriber(folder, device="cuda" if device == "cuda" else "cpu")
         self.tokenizer = self.transcriber.tokenizer
         self.prefix = self.transcriber.prefix_tokens(language, task)
+        self.window_frames = self.transcriber.window_frames
         self.device = torch.device("cpu")  # features go to CTranslate2 as numpy
 
     def __call__(self, features: torch.Tensor, max_new_tokens: int, beam_size: int) -> list[str]:
@@ -149,7 +151,8 @@ def evaluate_split(
         features = pad_features_to_full(
             batch["features"].to(decoder.device),
             batch["pad_values"],
-            num_frames=batch["num_frames"],
+            decoder.window_frames,
+            batch["num_frames"],
         )
         hypotheses = decoder(features, max_new_tokens, beam_size)
         for key, text, source, hyp, seconds in zip(
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         decoder, n_mels, fingerprint = load_decoder(args, info)
         try:
-            check_split(args.shards, n_mels, fingerprint)
+            check_split(args.shards, n_mels, fingerprint, decoder.window_frames)
         except ValueError as error:
             distributed.print0(info, f"error: {error}")
             return 2

@@ -172,8 +172,8 @@ def write_tokenizer(model: str, folder: Path) -> None:
     AutoTokenizer.from_pretrained(model).backend_tokenizer.save(str(folder / "tokenizer.json"))
 
 
-def write_preprocessor(model: str, folder: Path, n_mels: int) -> None:
-    """preprocessor_config.json, which faster-whisper reads for the mel-bin count.
+def write_preprocessor(model: str, folder: Path, n_mels: int, window_frames: int) -> None:
+    """preprocessor_config.json, which faster-whisper reads for the mel bins and window.
 
     transformers 5 saves a processor as processor_config.json only (whisper-base here has no
     preprocessor_config.json), so the file is written from the loaded feature extractor then.
@@ -186,11 +186,18 @@ def write_preprocessor(model: str, folder: Path, n_mels: int) -> None:
 
         extractor = WhisperFeatureExtractor.from_pretrained(model)
         extractor.to_json_file(str(folder / "preprocessor_config.json"))
-    feature_size = json.loads((folder / "preprocessor_config.json").read_text())["feature_size"]
-    if feature_size != n_mels:
+    extractor = json.loads((folder / "preprocessor_config.json").read_text())
+    if extractor["feature_size"] != n_mels:
         raise ExportError(
-            f"the feature extractor gives {feature_size} mel bins but the model's "
+            f"the feature extractor gives {extractor['feature_size']} mel bins but the model's "
             f"num_mel_bins is {n_mels}; fix the model folder before exporting"
+        )
+    # faster-whisper cuts audio into windows of nb_max_frames; the encoder takes exactly that many.
+    frames = extractor.get("nb_max_frames", 3000)
+    if frames != window_frames:
+        raise ExportError(
+            f"the feature extractor's window is {frames} frames but the model's encoder takes "
+            f"{window_frames} (2 x max_source_positions); fix the model folder before exporting"
         )
 
 
@@ -372,7 +379,9 @@ def export(config: ExportConfig) -> ExportReport:
         started = time.perf_counter()
         convert(config.model, staging, config.quantization)
         write_tokenizer(config.model, staging)
-        write_preprocessor(config.model, staging, model_config.num_mel_bins)
+        write_preprocessor(
+            config.model, staging, model_config.num_mel_bins, 2 * model_config.max_source_positions
+        )
         tokenizer_size = check_vocabulary(staging, model_config.vocab_size)
         report = ExportReport(
             out=str(out),

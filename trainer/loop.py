@@ -30,7 +30,7 @@ from trainer.data import TrainData, check_split, pad_features_to_full
 from trainer.distributed import Dist
 from trainer.evaluate import HFDecoder, evaluate_split
 from trainer.metrics import RunLogger, format_report
-from trainer.model import decoder_inputs_and_labels, load_model, token_loss
+from trainer.model import decoder_inputs_and_labels, load_model, token_loss, window_frames
 from trainer.optim import (
     TrainingDiverged,
     autocast,
@@ -114,9 +114,10 @@ def setup(config: TrainConfig) -> Run:
     fingerprint = contract.tokenizer_fingerprint(tokenizer.get_vocab())
     shards = Path(config.data.shards)
     # Refuse shards made for another model before any step is taken on them.
-    check_split(shards / config.data.train_split, model.config.num_mel_bins, fingerprint)
+    n_mels, frames = model.config.num_mel_bins, window_frames(model)
+    check_split(shards / config.data.train_split, n_mels, fingerprint, frames)
     eval_dir = shards / config.data.eval_split
-    check_split(eval_dir, model.config.num_mel_bins, fingerprint)
+    check_split(eval_dir, n_mels, fingerprint, frames)
 
     precision = resolve_precision(config.optim.precision, info.device)
     train_data = TrainData(
@@ -271,7 +272,8 @@ def train(run: Run) -> None:
             features = pad_features_to_full(
                 batch["features"].to(info.device, non_blocking=True),
                 batch["pad_values"],
-                num_frames=batch["num_frames"],
+                window_frames(run.model),
+                batch["num_frames"],
             )
             inputs, labels = decoder_inputs_and_labels(batch["tokens"].to(info.device), pad_id)
             last_micro = micro == accum - 1

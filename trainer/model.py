@@ -99,6 +99,11 @@ def load_model(config: ModelConfig, for_training: bool = True):
     return model, processor
 
 
+def window_frames(model) -> int:
+    """Log-mel frames the encoder takes: 3000 (30 s) for every released Whisper."""
+    return 2 * int(model.config.max_source_positions)
+
+
 def configure_generation(model, tokenizer, language: str, task: str) -> None:
     """Fix language and task (a forced prefix) and switch timestamps off.
 

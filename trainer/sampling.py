@@ -3,8 +3,10 @@
 An epoch's order is decided from the manifest's per-shard sample counts alone, so 128 ranks can
 be planned in one process (tests do) and a resumed run recomputes exactly the same plan.
 
-1. The shard list is shuffled by a generator seeded by (seed, epoch); the epoch stream is the
-   concatenation of those shards' samples in stored order.
+1. The shard list is shuffled by a generator seeded by (seed, epoch), and so is the order of
+   the samples inside each shard (seeded by (seed, epoch, shard)); the epoch stream is the
+   concatenation of those shards' samples in that order. Without the second shuffle a bucket
+   buffer would hold the same samples every epoch, and so would every batch cut from it.
 2. Rank r of R takes the contiguous block [r*M, (r+1)*M) with M = N // R. Within a rank,
    K loader workers (num_workers, 0 counting as 1) take contiguous sub-blocks of W = M // K.
 3. Each worker fills buffers of `bucket_buffer` samples, sorts them by token length, cuts them
@@ -32,16 +34,23 @@ import numpy as np
 
 _SHARD_ORDER_STREAM = 1  # tags keep the generators of different purposes independent
 _BATCH_ORDER_STREAM = 2
+_SAMPLE_ORDER_STREAM = 3
 _SEED_MASK = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
 class Span:
-    """Samples [start, stop) of the shard at `shard` (its index in the manifest)."""
+    """Samples [start, stop) of the shard at `shard` (its index in the manifest).
+
+    Positions count in the shard's stored order, or, with `order_key`, in the order
+    `shard_sample_order(shard_size, order_key)` gives it for one epoch.
+    """
 
     shard: int
     start: int
     stop: int
+    order_key: tuple[int, ...] | None = None  # (seed, epoch, shard) for training; None: stored
+    shard_size: int = 0  # the shard's sample count, which its epoch order permutes
 
     @property
     def num_samples(self) -> int:
@@ -74,14 +83,28 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order_rng(_SHARD_ORDER_STREAM, seed, epoch).permutation(num_shards).tolist()
 
 
-def stream_spans(shard_sizes: Sequence[int], order: Sequence[int], start: int, stop: int):
-    """The pieces of shards holding positions [start, stop) of the stream `order` defines."""
+def shard_sample_order(num_samples: int, order_key: tuple[int, ...]) -> np.ndarray:
+    """Stored indices of a shard's samples in the order one epoch reads them."""
+    return order_rng(_SAMPLE_ORDER_STREAM, *order_key).permutation(num_samples)
+
+
+def stream_spans(
+    shard_sizes: Sequence[int],
+    order: Sequence[int],
+    start: int,
+    stop: int,
+    epoch_key: tuple[int, int] | None = None,
+):
+    """The pieces of shards holding positions [start, stop) of the stream `order` defines;
+    with `epoch_key` (seed, epoch), each shard's samples are read in that epoch's order."""
     spans, position = [], 0
     for shard in order:
         shard_start, position = position, position + shard_sizes[shard]
         low, high = max(start, shard_start), min(stop, position)
         if low < high:
-            spans.append(Span(shard, low - shard_start, high - shard_start))
+            key = None if epoch_key is None else (*epoch_key, shard)
+            size = shard_sizes[shard]
+            spans.append(Span(shard, low - shard_start, high - shard_start, key, size))
         if position >= stop:
             break
     return tuple(spans)
@@ -151,7 +174,7 @@ def train_worker_plans(
         start, stop = worker_block(sum(shard_sizes), world_size, num_workers, rank, worker)
         plans.append(
             WorkerPlan(
-                spans=stream_spans(shard_sizes, order, start, stop),
+                spans=stream_spans(shard_sizes, order, start, stop, (seed, epoch)),
                 rng_key=(seed, epoch, rank, worker),
                 first_batch=first_local_batch(start_batch, worker, num_workers),
             )
