@@ -17,13 +17,13 @@ from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 from tests._trainer_run import REPO, TINY_MODEL, metrics, run_trainer
 from trainer.metrics import normalise, wer_report
 
-# The demo-learns run: the tiny preset from random initialisation on the demo train split,
-# evaluated on all 60 demo test utterances before and after. Measured on 2 shared CPU cores
-# (docs/training.md): 100 steps of batch 4 take ~2-4 minutes; the model learns the corpus'
-# language (loss 10.9 -> ~4.6, normalised CER ~100 % -> ~80 %) but not yet the acoustics,
-# so the normalised WER only starts to fall (~100 % -> 97 % by step 200); a real WER drop
-# needs a longer run than a test can afford here.
-DEMO_STEPS = 60
+# The demo-learns run: the tiny preset (3.6 M parameters, 5 s window) from random initialisation
+# on the demo train split with config/demo-tiny.toml's settings, evaluated on all 60 demo test
+# utterances before and after. Measured on 2 CPU cores (docs/training.md): ~5 minutes; the loss
+# falls 10.7 -> ~0.2 and the normalised WER 100 % -> ~80 % (step 1000) -> ~50 % (step 1500): the
+# model learns to tell the demo's sentences apart in voices and tempos it was not trained on.
+DEMO_STEPS = 1500
+DEMO_WER_AFTER = 0.70  # "clearly down"; measured 0.50, the margin covers other CPUs' arithmetic
 
 
 def test_wer_report_orthographic_normalised_and_per_source():
@@ -49,15 +49,17 @@ def demo_run(demo_shards, tmp_path_factory):
         demo_shards,
         run_dir,
         "--batch-size",
-        "4",
+        "8",
         "--bucket-buffer",
-        "64",
+        "48",
         "--grad-accum",
         "1",
         "--lr",
         "3e-3",
         "--warmup-steps",
-        "20",
+        "50",
+        "--schedule",
+        "linear",
         "--max-steps",
         str(DEMO_STEPS),
         "--eval-every",
@@ -93,9 +95,10 @@ def test_demo_learns(demo_run):
         f"{before['cer_normalised']:.3f} -> {after['cer_normalised']:.3f}; normalised WER "
         f"{before['wer_normalised']:.3f} -> {after['wer_normalised']:.3f}"
     )
-    assert train[0]["loss"] > 9.0 and train[-1]["loss"] < 6.5
+    assert train[0]["loss"] > 9.0 and train[-1]["loss"] < 1.0
     assert before["wer_normalised"] >= 0.95
-    assert after["wer_normalised"] <= before["wer_normalised"]
+    assert after["wer_normalised"] <= DEMO_WER_AFTER
+    assert after["cer_normalised"] < before["cer_normalised"] - 0.2
 
 
 @pytest.mark.slow
