@@ -6,6 +6,7 @@ the `whisper_base_dir` fixture and are skipped, with the reason, when WHISPER_BA
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,29 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CORPUS = REPO / "demo" / "corpus"
 TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
 DEMO_SHARD_SIZE = 64  # small shards so the demo corpus spans several per split
+
+
+def set_window(folder: Path, seconds: int) -> None:
+    """Give a model folder (config and feature extractor files) a `seconds` input window.
+
+    The tiny preset hears 5 s; faster-whisper's transcribe() runs only Whisper's 30 s window.
+    """
+    frames = seconds * 100
+    extractor = {
+        "chunk_length": seconds,
+        "n_samples": seconds * 16000,
+        "nb_max_frames": frames,
+    }
+    for name, section, values in (
+        ("config.json", None, {"max_source_positions": frames // 2}),
+        ("preprocessor_config.json", None, extractor),
+        ("processor_config.json", "feature_extractor", extractor),
+    ):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            (config[section] if section else config).update(values)
+            path.write_text(json.dumps(config, indent=2))
 
 
 def build_shards(

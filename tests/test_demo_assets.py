@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from tests.conftest import set_window
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "demo" / "corpus" / "data"
 SENTENCES = REPO / "demo" / "sentences_de.txt"
@@ -261,13 +263,17 @@ def test_ctranslate2_treats_preset_as_multilingual_whisper(tmp_path, processor):
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(TINY_MODEL))
+    config = WhisperConfig.from_pretrained(TINY_MODEL, max_source_positions=1500)
+    model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig.from_pretrained(TINY_MODEL)
     hf_dir, ct2_dir = tmp_path / "hf", tmp_path / "ct2"
     model.save_pretrained(hf_dir)
     processor.save_pretrained(hf_dir)
     # transformers 5 writes only processor_config.json; faster-whisper reads this file.
     processor.feature_extractor.save_pretrained(hf_dir)
+    # faster-whisper's transcribe() feeds 3000-frame windows only: the preset's layout (vocabulary,
+    # special ids) is what is under test here, with Whisper's 30 s window.
+    set_window(hf_dir, 30)
     # What `ct2-transformers-converter --copy_files tokenizer.json preprocessor_config.json` does.
     ctranslate2.converters.TransformersConverter(
         str(hf_dir), copy_files=["tokenizer.json", "preprocessor_config.json"]

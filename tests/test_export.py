@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_MODEL
+from tests.conftest import REPO, TINY_MODEL, set_window
 
 pytest.importorskip("ctranslate2")
 pytest.importorskip("faster_whisper")
 
 from trainer.ct2_backend import CT2Transcriber  # noqa: E402
-from trainer.export import ExportConfig, ExportError, export, first_demo_clip  # noqa: E402
+from trainer.export import (  # noqa: E402
+    ExportConfig,
+    ExportError,
+    export,
+    first_demo_clip,
+    print_report,
+)
 
 PROCESSOR_FILES = [
     "tokenizer.json",
@@ -34,19 +40,22 @@ PROCESSOR_FILES = [
 MAX_NEW_TOKENS = 12
 
 
-def save_random_whisper(folder: Path, num_mel_bins: int = 80) -> Path:
-    """The tiny preset with seeded random weights, saved like a trainer's RUN/best folder."""
+def save_random_whisper(folder: Path, num_mel_bins: int = 80, window_seconds: int = 30) -> Path:
+    """The tiny preset with seeded random weights, saved like a trainer's RUN/best folder, with
+    Whisper's 30 s window by default (what faster-whisper's transcribe() runs)."""
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
     config = WhisperConfig.from_pretrained(TINY_MODEL)
     config.num_mel_bins = num_mel_bins
+    config.max_source_positions = window_seconds * 50
     torch.manual_seed(1234)
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig.from_pretrained(TINY_MODEL)
     model.save_pretrained(folder)
     for name in PROCESSOR_FILES:
         shutil.copyfile(TINY_MODEL / name, folder / name)
+    set_window(folder, window_seconds)
     return folder
 
 
@@ -161,12 +170,26 @@ def test_ct2_transcriber_batch_equals_hf_at_every_length(tiny_model, float32_exp
     assert len(beams) == 3 and all(len(ids) <= 5 for ids in beams)
 
 
-@pytest.mark.parametrize("shape", [(1, 128, 500), (1, 80, 3000)])
+@pytest.mark.parametrize("shape", [(1, 128, 3000), (1, 80, 500)])
 def test_ct2_transcriber_rejects_features_of_the_wrong_shape(float32_export, shape):
     transcriber = CT2Transcriber(float32_export[0])
-    assert transcriber.window_frames == 500  # read from the export's preprocessor_config.json
-    with pytest.raises(ValueError, match=r"\[batch, 80, 500\]"):
+    assert transcriber.window_frames == 3000  # read from the export's preprocessor_config.json
+    with pytest.raises(ValueError, match=r"\[batch, 80, 3000\]"):
         transcriber.generate_tokens(np.zeros(shape, np.float32), [50258], 4)
+
+
+def test_a_short_window_model_exports_and_says_faster_whisper_cannot_run_it(tmp_path, capsys):
+    """The tiny preset's 5 s window: CTranslate2 runs it exactly; faster-whisper's transcribe()
+    pads every window to 3000 frames, so the export says so instead of crashing in it."""
+    model = save_random_whisper(tmp_path / "best", window_seconds=5)
+    out = tmp_path / "ct2"
+    report = export(export_config(model, out, quantization="float32", strict=True))
+    print_report(report)
+    assert report.window_frames == 500 and report.verification.exact
+    assert report.verification.faster_whisper_text is None
+    assert CT2Transcriber(out).window_frames == 500
+    printed = capsys.readouterr().out
+    assert "window        500 frames" in printed and "faster-whisper not run" in printed
 
 
 def test_int8_export_loads_and_runs(tiny_model, float32_export, tmp_path):

@@ -86,7 +86,7 @@ class Verification:
     agreement: float
     hf_text: str
     ct2_text: str
-    faster_whisper_text: str
+    faster_whisper_text: str | None  # None: faster-whisper cannot run this window (see below)
 
 
 @dataclass
@@ -94,6 +94,7 @@ class ExportReport:
     out: str
     quantization: str
     n_mels: int
+    window_frames: int
     vocab_size: int
     tokenizer_size: int
     bytes_on_disk: int
@@ -284,9 +285,21 @@ def token_agreement(reference: list[int], candidate: list[int]) -> float:
     return sum(a == b for a, b in zip(reference, candidate, strict=False)) / longest
 
 
-def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -> str:
-    """What a real-time tool would get: faster-whisper's own loading, features and decoding."""
+# faster-whisper (1.2) pads or trims every window's features to 3000 frames
+# (faster_whisper.audio.pad_or_trim), so only models with Whisper's 30 s window run in its
+# transcribe(); CTranslate2 itself runs any window.
+FASTER_WHISPER_FRAMES = 3000
+
+
+def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -> str | None:
+    """What a real-time tool would get: faster-whisper's own loading, features and decoding;
+    None for a model whose window faster-whisper cannot feed."""
     from faster_whisper import WhisperModel
+
+    from trainer.ct2_backend import export_window_frames
+
+    if export_window_frames(folder) != FASTER_WHISPER_FRAMES:
+        return None
 
     model = WhisperModel(str(folder), device=config.device, compute_type=config.compute_type)
     segments, _ = model.transcribe(
@@ -387,6 +400,7 @@ def export(config: ExportConfig) -> ExportReport:
             out=str(out),
             quantization=config.quantization,
             n_mels=model_config.num_mel_bins,
+            window_frames=2 * model_config.max_source_positions,
             vocab_size=model_config.vocab_size,
             tokenizer_size=tokenizer_size,
             bytes_on_disk=folder_bytes(staging),
@@ -413,6 +427,15 @@ def print_report(report: ExportReport) -> None:
     print(f"  quantization  {report.quantization}")
     print(f"  size on disk  {report.bytes_on_disk / 1e6:.1f} MB")
     print(f"  n_mels        {report.n_mels} (preprocessor_config.json feature_size)")
+    note = (
+        ""
+        if report.window_frames == FASTER_WHISPER_FRAMES
+        else (
+            ": shorter than Whisper's 30 s, so CTranslate2 runs it but faster-whisper's "
+            "transcribe() does not"
+        )
+    )
+    print(f"  window        {report.window_frames} frames{note}")
     print(
         f"  vocabulary    {report.vocab_size} ids ({report.tokenizer_size} in tokenizer.json, "
         f"the rest timestamp tokens)"
@@ -426,7 +449,14 @@ def print_report(report: ExportReport) -> None:
     print(f"  verification  {verdict} on {check.audio} ({report.verify_seconds:.1f} s)")
     print(f"    HF greedy      {len(check.hf_tokens)} tokens: {check.hf_text!r}")
     print(f"    CT2 greedy     {len(check.ct2_tokens)} tokens: {check.ct2_text!r}")
-    print(f"    faster-whisper {check.faster_whisper_text!r}")
+    if check.faster_whisper_text is None:
+        print(
+            f"    faster-whisper not run: its transcribe() takes {FASTER_WHISPER_FRAMES}-frame "
+            "(30 s) windows only, and this model's window is shorter; CTranslate2 runs it, as "
+            "above and through trainer.evaluate"
+        )
+    else:
+        print(f"    faster-whisper {check.faster_whisper_text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
