@@ -106,3 +106,34 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, demo_shard
     assert final.keys() == reference.keys()
     for name in final:
         assert torch.equal(final[name], reference[name]), name
+
+
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16 passes too (the same path less the scaler)
+def test_half_precision_with_zero1_resumes_exactly(precision, demo_shards, tmp_path):
+    """The GPU settings on gloo: autocast (CPU kernels here), the GradScaler for fp16, AdamW
+    state sharded by ZeroRedundancyOptimizer; a SIGKILLed run resumes bit-identical."""
+    args = ("--max-steps", "4", "--save-every", "2", "--eval-every", "0")
+    args += ("--precision", precision, "--zero1", "true")
+    hooks = {"TRAINER_DEBUG_INF_AT_STEP": "2"}
+    reference = run_trainer(2, demo_shards, tmp_path / "reference", *args, env=hooks)
+    assert reference.returncode == 0, reference.stdout[-4000:]
+    rows = metrics(tmp_path / "reference")
+    assert [row["skipped_steps"] for row in rows] == [0, 1, 1, 1]
+    if precision == "fp16":  # the scaler halved its scale at the inf step
+        assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2
+
+    killed = run_trainer(
+        2,
+        demo_shards,
+        tmp_path / "killed",
+        *args,
+        env={**hooks, "TRAINER_DEBUG_KILL_AT_STEP": "3"},
+    )
+    assert killed.returncode != 0, "the kill hook did not fire"
+    resumed = run_trainer(2, demo_shards, tmp_path / "killed", *args, env=hooks)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    final = weights(tmp_path / "killed" / "checkpoints" / "step-4")
+    expected = weights(tmp_path / "reference" / "checkpoints" / "step-4")
+    assert final.keys() == expected.keys()
+    for name in final:
+        assert torch.equal(final[name], expected[name]), name

@@ -169,6 +169,7 @@ def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypat
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self.window_frames = 500  # the tiny preset's, as its export's preprocessor says
             calls.append(("init", path, device))
 
         def prefix_tokens(self, language="de", task="transcribe"):
