@@ -39,7 +39,7 @@ step "4/6 evaluate the best checkpoint on the demo test split"
 "$PYTHON" -m trainer.evaluate --model "$OUT/run/best" --shards "$OUT/shards/test" \
     --output "$OUT/eval-best.json" --worst 5
 
-step "5/6 export for faster-whisper (int8)"
+step "5/6 export to CTranslate2, the faster-whisper format (int8)"
 "$PYTHON" -m trainer.export --model "$OUT/run/best" --out "$OUT/ct2-int8" --quantization int8
 
 step "6/6 evaluate the export on the same shards"

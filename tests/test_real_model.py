@@ -242,7 +242,7 @@ def test_faster_whisper_export_transcribes_like_the_hf_model(base_shards, fine_t
         ],
         timeout=900,
     )
-    rows = demo_test_rows(base_shards)
+    rows = demo_test_rows(base_shards)[::2]  # 30 of 60: one utterance at a time is slow on CPU
     faster = WhisperModel(str(export), device="cpu", compute_type="float32", cpu_threads=2)
     processor = WhisperProcessor.from_pretrained(fine_tuned)
     model = WhisperForConditionalGeneration.from_pretrained(fine_tuned, dtype=torch.float32)
