@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from shard_builder.contract import MAX_FRAMES
+
 # Whisper's decoder has 448 learned positions in every released size; a CTranslate2 export keeps
 # no copy of that number, and asking for more fails deep inside the decoder.
 DECODER_POSITIONS = 448
-FULL_FRAMES = 3000  # the window of every released Whisper; a smaller model's export says its own
 EOT = "<|endoftext|>"
 
 
@@ -140,6 +141,6 @@ def export_window_frames(folder: Path) -> int:
 
     config_file = folder / "preprocessor_config.json"
     if not config_file.is_file():
-        return FULL_FRAMES
+        return MAX_FRAMES  # the window of every released Whisper
     extractor = json.loads(config_file.read_text(encoding="utf-8"))
-    return int(extractor.get("nb_max_frames", FULL_FRAMES))
+    return int(extractor.get("nb_max_frames", MAX_FRAMES))

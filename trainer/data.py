@@ -203,15 +203,14 @@ def iter_shard_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str,
             )
 
 
-def index_shard(path: Path) -> list[tuple[str, list[tuple[str, int, int]]]]:
+def index_shard(handle) -> list[tuple[str, list[tuple[str, int, int]]]]:
     """(key, [(suffix, offset, size), ...]) of every sample, in stored order, headers only."""
     samples: list[tuple[str, list[tuple[str, int, int]]]] = []
-    with open(path, "rb") as handle:
-        for name, offset, size in iter_tar_members(handle):
-            key, _, suffix = name.partition(".")
-            if not samples or samples[-1][0] != key:
-                samples.append((key, []))
-            samples[-1][1].append((suffix, offset, size))
+    for name, offset, size in iter_tar_members(handle):
+        key, _, suffix = name.partition(".")
+        if not samples or samples[-1][0] != key:
+            samples.append((key, []))
+        samples[-1][1].append((suffix, offset, size))
     return samples
 
 
@@ -221,13 +220,13 @@ def iter_shuffled_shard_samples(path: Path, span: sampling.Span) -> Iterator[tup
     The header index costs a read of 512 bytes per member; the samples are then read by offset,
     so the shuffle needs no more memory than one sample.
     """
-    index = index_shard(path)
-    if len(index) != span.shard_size:
-        raise contract.ContractError(
-            f"{path} holds {len(index)} samples, not the {span.shard_size} the manifest records"
-        )
-    order = sampling.shard_sample_order(span.shard_size, span.order_key)
     with open(path, "rb") as handle:
+        index = index_shard(handle)
+        if len(index) != span.shard_size:
+            raise contract.ContractError(
+                f"{path} holds {len(index)} samples, not the {span.shard_size} the manifest records"
+            )
+        order = sampling.shard_sample_order(span.shard_size, span.order_key)
         for stored in order[span.start : span.stop]:
             key, members = index[stored]
             data = {}

@@ -26,6 +26,7 @@ from trainer import distributed
 from trainer.data import DataConfig, check_split, eval_batches, pad_features_to_full
 from trainer.distributed import Dist
 from trainer.metrics import format_report, utterance_wer, wer_report
+from trainer.model import window_frames
 
 
 def _help(text: str, **kwargs: Any):
@@ -58,7 +59,7 @@ class HFDecoder:
     def __init__(self, model, tokenizer, language: str, task: str, precision: str) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.language, self.task, self.precision = language, task, precision
-        self.window_frames = 2 * int(model.config.max_source_positions)
+        self.window_frames = window_frames(model.config)
 
     @property
     def device(self) -> torch.device:

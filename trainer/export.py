@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from shard_builder.contract import MAX_FRAMES
+from trainer.model import window_frames
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CORPUS_DATA = REPO / "demo" / "corpus" / "data"
 SAMPLING_RATE = 16000
@@ -173,7 +176,7 @@ def write_tokenizer(model: str, folder: Path) -> None:
     AutoTokenizer.from_pretrained(model).backend_tokenizer.save(str(folder / "tokenizer.json"))
 
 
-def write_preprocessor(model: str, folder: Path, n_mels: int, window_frames: int) -> None:
+def write_preprocessor(model: str, folder: Path, n_mels: int, encoder_frames: int) -> None:
     """preprocessor_config.json, which faster-whisper reads for the mel bins and window.
 
     transformers 5 saves a processor as processor_config.json only (whisper-base here has no
@@ -194,11 +197,11 @@ def write_preprocessor(model: str, folder: Path, n_mels: int, window_frames: int
             f"num_mel_bins is {n_mels}; fix the model folder before exporting"
         )
     # faster-whisper cuts audio into windows of nb_max_frames; the encoder takes exactly that many.
-    frames = extractor.get("nb_max_frames", 3000)
-    if frames != window_frames:
+    frames = extractor.get("nb_max_frames", MAX_FRAMES)
+    if frames != encoder_frames:
         raise ExportError(
             f"the feature extractor's window is {frames} frames but the model's encoder takes "
-            f"{window_frames} (2 x max_source_positions); fix the model folder before exporting"
+            f"{encoder_frames} (2 x max_source_positions); fix the model folder before exporting"
         )
 
 
@@ -288,7 +291,7 @@ def token_agreement(reference: list[int], candidate: list[int]) -> float:
 # faster-whisper (1.2) pads or trims every window's features to 3000 frames
 # (faster_whisper.audio.pad_or_trim), so only models with Whisper's 30 s window run in its
 # transcribe(); CTranslate2 itself runs any window.
-FASTER_WHISPER_FRAMES = 3000
+FASTER_WHISPER_FRAMES = MAX_FRAMES
 
 
 def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -> str | None:
@@ -393,14 +396,14 @@ def export(config: ExportConfig) -> ExportReport:
         convert(config.model, staging, config.quantization)
         write_tokenizer(config.model, staging)
         write_preprocessor(
-            config.model, staging, model_config.num_mel_bins, 2 * model_config.max_source_positions
+            config.model, staging, model_config.num_mel_bins, window_frames(model_config)
         )
         tokenizer_size = check_vocabulary(staging, model_config.vocab_size)
         report = ExportReport(
             out=str(out),
             quantization=config.quantization,
             n_mels=model_config.num_mel_bins,
-            window_frames=2 * model_config.max_source_positions,
+            window_frames=window_frames(model_config),
             vocab_size=model_config.vocab_size,
             tokenizer_size=tokenizer_size,
             bytes_on_disk=folder_bytes(staging),

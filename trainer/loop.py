@@ -77,6 +77,7 @@ class Run:
     precision: str
     train_data: TrainData
     eval_dir: Path
+    window_frames: int  # what every batch is padded to: the encoder's input length
     total_steps: int
     state: TrainState
     hooks: dict[str, int]
@@ -114,7 +115,7 @@ def setup(config: TrainConfig) -> Run:
     fingerprint = contract.tokenizer_fingerprint(tokenizer.get_vocab())
     shards = Path(config.data.shards)
     # Refuse shards made for another model before any step is taken on them.
-    n_mels, frames = model.config.num_mel_bins, window_frames(model)
+    n_mels, frames = model.config.num_mel_bins, window_frames(model.config)
     check_split(shards / config.data.train_split, n_mels, fingerprint, frames)
     eval_dir = shards / config.data.eval_split
     check_split(eval_dir, n_mels, fingerprint, frames)
@@ -206,6 +207,7 @@ def setup(config: TrainConfig) -> Run:
         precision,
         train_data,
         eval_dir,
+        frames,
         total_steps,
         state,
         hooks,
@@ -272,7 +274,7 @@ def train(run: Run) -> None:
             features = pad_features_to_full(
                 batch["features"].to(info.device, non_blocking=True),
                 batch["pad_values"],
-                window_frames(run.model),
+                run.window_frames,
                 batch["num_frames"],
             )
             inputs, labels = decoder_inputs_and_labels(batch["tokens"].to(info.device), pad_id)

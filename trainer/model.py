@@ -99,9 +99,9 @@ def load_model(config: ModelConfig, for_training: bool = True):
     return model, processor
 
 
-def window_frames(model) -> int:
-    """Log-mel frames the encoder takes: 3000 (30 s) for every released Whisper."""
-    return 2 * int(model.config.max_source_positions)
+def window_frames(model_config) -> int:
+    """Log-mel frames the encoder of a WhisperConfig takes: 3000 (30 s) for released Whispers."""
+    return 2 * int(model_config.max_source_positions)
 
 
 def configure_generation(model, tokenizer, language: str, task: str) -> None:
