@@ -71,6 +71,27 @@ class DataConfig:
     eval_limit: int | None = _help(
         "evaluate only the first N samples of the eval split (a fixed subset)", default=None
     )
+    pack: bool = _help(
+        "train on packed windows: consecutive utterances of the epoch's stream share one "
+        "encoder window, with Whisper's timestamp tokens and previous-text prompts "
+        "(trainer/packing.py); batch_size then counts windows",
+        default=False,
+    )
+    timestamp_probability: float = _help(
+        "packed mode: share of windows trained with timestamp tokens (the rest use "
+        "<|notimestamps|>)",
+        default=0.5,
+    )
+    prompt_probability: float = _help(
+        "packed mode: share of windows whose target starts with <|startofprev|> and the "
+        "previous window's text (not trained on)",
+        default=0.3,
+    )
+    pack_gap_seconds: list[float] = _help(
+        "packed mode: silence between utterances, one value or a range `low,high` drawn "
+        "uniformly per gap",
+        default_factory=lambda: [0.1, 1.0],
+    )
 
     def train_dir(self) -> Path:
         return Path(self.shards) / self.train_split
@@ -90,6 +111,28 @@ class DataConfig:
             raise ValueError("num_workers must be >= 0 and prefetch_factor >= 1")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError("eval_limit must be at least 1 (or unset)")
+        self.validate_packing()
+
+    def gap_range(self) -> tuple[float, float]:
+        """`pack_gap_seconds` as (low, high); one value is a fixed gap."""
+        gaps = self.pack_gap_seconds
+        values = [float(gaps)] if isinstance(gaps, int | float) else [float(g) for g in gaps]
+        if len(values) not in (1, 2):
+            raise ValueError(
+                f"pack_gap_seconds must be one value or a range low,high, not {gaps!r}"
+            )
+        return values[0], values[-1]
+
+    def validate_packing(self) -> None:
+        for name in ("timestamp_probability", "prompt_probability"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], not {value}")
+        low, high = self.gap_range()
+        if low < 0 or high < low:
+            raise ValueError(
+                f"pack_gap_seconds must be >= 0 with low <= high, not {self.pack_gap_seconds!r}"
+            )
 
 
 class DataMismatchError(ValueError):
