@@ -453,17 +453,18 @@ class TrainData:
                 "loader worker(s)"
             )
 
-    def batches_per_epoch(self) -> int:
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        del epoch  # every epoch has as many (the interface of packing.PackedTrainData)
         per_worker = sampling.batches_for(
             self.samples_per_worker, self.config.bucket_buffer, self.config.batch_size
         )
         return per_worker * sampling.effective_workers(self.config.num_workers)
 
-    def samples_per_epoch(self) -> int:
+    def samples_per_epoch(self, epoch: int = 0) -> int:
         """Samples this rank trains on each epoch (the same on every rank)."""
         return self.samples_per_worker * sampling.effective_workers(self.config.num_workers)
 
-    def dropped_per_epoch(self) -> int:
+    def dropped_per_epoch(self, epoch: int = 0) -> int:
         return sum(self.shard_sizes) - self.samples_per_epoch() * self.world_size
 
     def order_signature(self) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from trainer.optim import (
     make_scaler,
     resolve_precision,
 )
+from trainer.packing import PackedTrainData, WindowTargets, window_features_to_full
 
 # Test hooks (read once at setup): make rank 0's loss infinite on the given optimiser step,
 # or SIGKILL rank 0 half-way through the given step.
@@ -121,9 +122,7 @@ def setup(config: TrainConfig) -> Run:
     check_split(eval_dir, n_mels, fingerprint, frames)
 
     precision = resolve_precision(config.optim.precision, info.device)
-    train_data = TrainData(
-        shards / config.data.train_split, config.data, info.rank, info.world_size
-    )
+    train_data = make_train_data(config, shards, info, tokenizer, frames, model.config)
     per_epoch = train_data.batches_per_epoch() // config.optim.grad_accum
     if per_epoch < 1 and config.optim.max_steps == 0:
         raise ValueError("an epoch holds fewer batches than grad_accum: set max_steps")
@@ -214,6 +213,33 @@ def setup(config: TrainConfig) -> Run:
     )
 
 
+def make_train_data(config, shards: Path, info, tokenizer, frames: int, model_config):
+    """Samples one by one (TrainData) or packed into full windows (PackedTrainData)."""
+    split = shards / config.data.train_split
+    if not config.data.pack:
+        return TrainData(split, config.data, info.rank, info.world_size)
+    targets = WindowTargets(
+        tokenizer, config.model.language, config.model.task, model_config.max_target_positions
+    )
+    progress = info.is_main and config.log.progress
+    return PackedTrainData(
+        split, config.data, info.rank, info.world_size, targets, frames, progress
+    )
+
+
+def model_inputs(batch: dict, device: torch.device, window: int, pad_id: int):
+    """(input features [B, n_mels, window], decoder inputs, labels) on the device."""
+    features = batch["features"].to(device, non_blocking=True)
+    if "unlabelled" in batch:  # packed windows
+        features = window_features_to_full(features, window)
+    else:
+        features = pad_features_to_full(features, batch["pad_values"], window, batch["num_frames"])
+    inputs, labels = decoder_inputs_and_labels(
+        batch["tokens"].to(device), pad_id, batch.get("unlabelled")
+    )
+    return features, inputs, labels
+
+
 def _check_same_data_order(saved: dict, current: dict, folder: Path) -> None:
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:
@@ -236,17 +262,18 @@ def _quiet_transformers() -> None:
 
 
 def batch_stream(train_data: TrainData, epoch: int, start_batch: int):
-    """(epoch, batch index, batch) from a data position on, across epoch boundaries."""
+    """(epoch, batch index, batches in that epoch, batch) from a data position on, across
+    epoch boundaries (packed epochs differ in length)."""
     while True:
+        per_epoch = train_data.batches_per_epoch(epoch)
         for index, batch in enumerate(train_data.batches(epoch, start_batch), start_batch):
-            yield epoch, index, batch
+            yield epoch, index, per_epoch, batch
         epoch, start_batch = epoch + 1, 0
 
 
 def train(run: Run) -> None:
     config, info, state = run.config, run.info, run.state
     accum = config.optim.grad_accum
-    per_epoch = run.train_data.batches_per_epoch()
     stream = batch_stream(run.train_data, state.epoch, state.batch_in_epoch)
     pad_id = run.model.config.pad_token_id
     trainable = [p for p in run.model.parameters() if p.requires_grad]
@@ -268,16 +295,10 @@ def train(run: Run) -> None:
             # DataLoader draws its worker seed from the global torch RNG whenever an epoch's
             # loader starts; fork so dropout's stream does not depend on where a run resumed.
             with torch.random.fork_rng(devices=[]):
-                epoch, index, batch = next(stream)
+                epoch, index, per_epoch, batch = next(stream)
             window.data_wait += time.perf_counter() - waited
             keys.extend(batch["keys"])
-            features = pad_features_to_full(
-                batch["features"].to(info.device, non_blocking=True),
-                batch["pad_values"],
-                run.window_frames,
-                batch["num_frames"],
-            )
-            inputs, labels = decoder_inputs_and_labels(batch["tokens"].to(info.device), pad_id)
+            features, inputs, labels = model_inputs(batch, info.device, run.window_frames, pad_id)
             last_micro = micro == accum - 1
             # Only the last micro-batch all-reduces gradients; the others accumulate locally.
             sync = nullcontext() if last_micro or run.ddp is run.model else run.ddp.no_sync()

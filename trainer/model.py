@@ -139,17 +139,24 @@ def prefix_tokens(tokenizer, language: str, task: str) -> list[int]:
     return [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
 
 
-def decoder_inputs_and_labels(tokens: torch.Tensor, pad_token_id: int):
+def decoder_inputs_and_labels(
+    tokens: torch.Tensor, pad_token_id: int, unlabelled: torch.Tensor | None = None
+):
     """Teacher forcing from the full stored sequence (prefix and <|endoftext|> included).
 
     The input is the sequence without its last token, the label the sequence without its first,
     so <|startoftranscript|> is never doubled and the prefix itself is predicted only from its
     own left context. Label padding stays -100; input padding becomes the pad id (the decoder is
-    causal and pads sit at the end, so no real position ever attends to them).
+    causal and pads sit at the end, so no real position ever attends to them). `unlabelled`
+    [B] masks each row's first labels too: a packed window's prompt is context, not a target.
     """
     inputs = tokens[:, :-1]
     inputs = inputs.masked_fill(inputs == -100, pad_token_id)
     labels = tokens[:, 1:]
+    if unlabelled is not None:
+        positions = torch.arange(labels.shape[1], device=labels.device)
+        is_prompt = positions[None, :] < unlabelled.to(labels.device)[:, None]
+        labels = labels.masked_fill(is_prompt, -100)
     return inputs, labels
 
 
