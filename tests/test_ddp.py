@@ -137,3 +137,32 @@ def test_half_precision_with_zero1_resumes_exactly(precision, demo_shards, tmp_p
     assert final.keys() == expected.keys()
     for name in final:
         assert torch.equal(final[name], expected[name]), name
+
+
+def test_packed_windows_resume_exactly_after_sigkill(demo_shards, tmp_path):
+    """Packed mode keeps the guarantees: disjoint utterances per rank, equal steps, and a
+    SIGKILLed run resumes bit-identical (prompts and timestamp choices included)."""
+    args = ("--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--pack", "true")
+    args += ("--prompt-probability", "0.5", "--dropout", "0.1")
+    reference = run_trainer(2, demo_shards, tmp_path / "reference", *args)
+    assert reference.returncode == 0, reference.stdout[-4000:]
+    for step in range(1, 5):
+        keys0 = sample_log(tmp_path / "reference", 0)[step]["keys"]
+        keys1 = sample_log(tmp_path / "reference", 1)[step]["keys"]
+        assert keys0 and keys1 and not set(keys0) & set(keys1)
+    killed = run_trainer(
+        2, demo_shards, tmp_path / "killed", *args, env={"TRAINER_DEBUG_KILL_AT_STEP": "3"}
+    )
+    assert killed.returncode != 0, "the kill hook did not fire"
+    resumed = run_trainer(2, demo_shards, tmp_path / "killed", *args)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    for rank in (0, 1):
+        ours, theirs = (
+            sample_log(tmp_path / "killed", rank),
+            sample_log(tmp_path / "reference", rank),
+        )
+        assert [ours[s]["keys"] for s in range(1, 5)] == [theirs[s]["keys"] for s in range(1, 5)]
+    final = weights(tmp_path / "killed" / "checkpoints" / "step-4")
+    expected = weights(tmp_path / "reference" / "checkpoints" / "step-4")
+    for name in final:
+        assert torch.equal(final[name], expected[name]), name
