@@ -46,7 +46,8 @@ def _help(text: str, **kwargs: Any):
 @dataclass
 class CheckpointConfig:
     save_every: int = _help(
-        "write a checkpoint every N optimiser steps (and at the end)", default=1000
+        "write a checkpoint every N optimiser steps (and at the end; 0 = only at the end)",
+        default=1000,
     )
     keep_last: int = _help("keep the newest N checkpoints (plus the best one)", default=3)
     resume: bool = _help(

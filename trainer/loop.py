@@ -389,7 +389,8 @@ def train(run: Run) -> None:
         every = config.eval.eval_every
         if last or (every > 0 and state.step % every == 0):
             evaluate(run)
-        if last or state.step % config.checkpoint.save_every == 0:
+        save_every = config.checkpoint.save_every
+        if last or (save_every > 0 and state.step % save_every == 0):
             save_checkpoint(run)
 
     stream.close()
