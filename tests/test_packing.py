@@ -338,3 +338,25 @@ def test_packed_batches_lay_out_windows(token_split, tokenizer):
     assert full.shape == (2, N_MELS, 120) and torch.isfinite(full).all()
     assert "shuffled" in data.order_signature()["sample_order"]
     assert data.order_signature()["packing"]["window_frames"] == 120
+
+
+def test_length_index_is_cached_per_shard_checksums(token_split, tmp_path):
+    from shard_builder import contract
+    from trainer.packing import build_length_index, load_or_build_length_index
+
+    manifest = contract.load_manifest(token_split)
+    fresh = build_length_index(token_split, manifest)
+    assert [len(f) for f in fresh.frames] == [40, 9, 33]
+    first = load_or_build_length_index(token_split, manifest, tmp_path, progress=False)
+    (cache,) = tmp_path.glob("lengths-*.npz")
+    again = load_or_build_length_index(token_split, manifest, tmp_path, progress=False)
+    for a, b, c in zip(
+        fresh.frames + fresh.text_tokens,
+        first.frames + first.text_tokens,
+        again.frames + again.text_tokens,
+        strict=True,
+    ):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    manifest["shards"][0]["sha256"] = "0" * 64  # rebuilt shards: the old lengths do not apply
+    load_or_build_length_index(token_split, manifest, tmp_path, progress=False)
+    assert len(list(tmp_path.glob("lengths-*.npz"))) == 2

@@ -222,8 +222,9 @@ def make_train_data(config, shards: Path, info, tokenizer, frames: int, model_co
         tokenizer, config.model.language, config.model.task, model_config.max_target_positions
     )
     progress = info.is_main and config.log.progress
+    cache = Path(config.output_dir) / "pack-index"
     return PackedTrainData(
-        split, config.data, info.rank, info.world_size, targets, frames, progress
+        split, config.data, info.rank, info.world_size, targets, frames, progress, cache
     )
 
 

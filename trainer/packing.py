@@ -35,8 +35,10 @@ limit) and to what the 448 positions leave; its positions carry no label.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from shard_builder import contract
 from trainer import sampling
 from trainer.data import (
     IGNORE_INDEX,
+    NPY_HEADER,
     decode_sample,
     index_shard,
     make_loader,
@@ -88,14 +91,25 @@ class LengthIndex:
 
 
 def npy_shape_at(handle, offset: int) -> tuple[int, ...]:
-    """The shape in the .npy header stored at `offset`, read with numpy's own parser."""
+    """The shape in the .npy header stored at `offset`.
+
+    The builder's simple headers take the loader's regular expression; numpy's own parser
+    (ast-based, two thirds of the indexing time) reads anything else.
+    """
+    handle.seek(offset)
+    start = handle.read(10)
+    header = start + handle.read(int.from_bytes(start[8:10], "little"))
+    match = NPY_HEADER.match(header)
+    if match is not None and match.end() == len(header):
+        return tuple(int(n) for n in match["shape"].split(b",") if n.strip())
     handle.seek(offset)
     version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        shape, _, _ = np.lib.format.read_array_header_1_0(handle)
-    else:
-        shape, _, _ = np.lib.format.read_array_header_2_0(handle)
-    return shape
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    return read_header(handle)[0]
 
 
 def shard_lengths(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +124,39 @@ def shard_lengths(path: Path) -> tuple[np.ndarray, np.ndarray]:
             (length,) = npy_shape_at(handle, offsets[contract.TOKENS_MEMBER])
             texts.append(length - PREFIX_LENGTH - 1)
     return np.asarray(frames, np.int32), np.asarray(texts, np.int32)
+
+
+def load_or_build_length_index(
+    split_dir: str | Path, manifest: dict[str, Any], cache_dir: Path | None, progress: bool
+) -> LengthIndex:
+    """The split's lengths, from `cache_dir` when an earlier start indexed these very shards.
+
+    970k samples take minutes to index; a resumed run reads the cache instead. The file is named
+    after the shards' checksums, so rebuilt shards are never matched with stale lengths.
+    """
+    digest = hashlib.sha256(
+        "".join(f"{s['name']}:{s['sha256']};" for s in manifest["shards"]).encode()
+    ).hexdigest()[:16]
+    cache = None if cache_dir is None else Path(cache_dir) / f"lengths-{digest}.npz"
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            sizes = np.cumsum(stored["shard_sizes"])[:-1]
+            return LengthIndex(
+                tuple(np.split(stored["frames"], sizes)),
+                tuple(np.split(stored["text_tokens"], sizes)),
+            )
+    index = build_length_index(split_dir, manifest, progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial.npz")
+        np.savez(
+            partial,
+            shard_sizes=np.asarray([len(f) for f in index.frames], np.int64),
+            frames=np.concatenate(index.frames),
+            text_tokens=np.concatenate(index.text_tokens),
+        )
+        os.replace(partial, cache)  # ranks may race: each writes whole files, one wins
+    return index
 
 
 def build_length_index(
@@ -576,6 +623,7 @@ class PackedTrainData:
         targets: WindowTargets,
         window_frames: int,
         progress: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
         config.validate()
         self.split_dir, self.config = Path(split_dir), config
@@ -583,7 +631,7 @@ class PackedTrainData:
         self.manifest = contract.load_manifest(self.split_dir)
         self.shard_sizes, self.shard_names = shard_sizes_and_names(self.manifest)
         self.limits = PackingLimits(window_frames, targets.max_tokens, config.gap_range())
-        self.index = build_length_index(self.split_dir, self.manifest, progress)
+        self.index = load_or_build_length_index(self.split_dir, self.manifest, cache_dir, progress)
         self.settings = PackingSettings(
             targets,
             config.seed,
