@@ -4,7 +4,8 @@
 # faster-whisper → evaluate the export. Everything lands in out/demo/.
 #
 # MODEL=/path/to/whisper-base bash scripts/demo.sh  fine-tunes a real pretrained Whisper instead
-# (see docs/benchmarks.md for the WER it reaches).
+# (see docs/benchmarks.md for the WER it reaches). TRAIN_ARGS adds trainer flags, for example
+# TRAIN_ARGS="--pack true" trains on packed 30 s windows with timestamps and prompts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -33,7 +34,7 @@ step "2/6 prove the shards whole"
 step "3/6 train on 2 CPU ranks (gloo)"
 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --nproc_per_node=2 -m trainer \
     --config "$TRAIN_CONFIG" --name-or-path "$MODEL" --shards "$OUT/shards" \
-    --output-dir "$OUT/run"
+    --output-dir "$OUT/run" ${TRAIN_ARGS:-}
 
 step "4/6 evaluate the best checkpoint on the demo test split"
 "$PYTHON" -m trainer.evaluate --model "$OUT/run/best" --shards "$OUT/shards/test" \
