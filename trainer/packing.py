@@ -686,6 +686,19 @@ class PackedTrainData:
         used = self.windows_per_worker(epoch) * self.workers * self.world_size
         return len(self.windows(epoch)) - used
 
+    def describe(self, epoch: int = 0) -> str:
+        """One line for the log: how full the epoch's windows are."""
+        windows = self.windows(epoch)
+        utterances = sum(len(w) for w in windows)
+        frames = sum(int(self.index.frames[p.shard][p.index]) for window in windows for p in window)
+        share = frames / (len(windows) * self.limits.window_frames)
+        return (
+            f"packed: {utterances} utterances in {len(windows)} windows in epoch {epoch} "
+            f"({utterances / len(windows):.2f} per window, {100 * share:.1f} % of the window "
+            f"frames hold speech); {self.dropped_per_epoch(epoch)} window(s) left out so "
+            "that every rank and worker gets as many"
+        )
+
     def order_signature(self) -> dict[str, Any]:
         return {
             "shards": [[shard["name"], shard["sha256"]] for shard in self.manifest["shards"]],
