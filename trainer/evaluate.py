@@ -7,6 +7,13 @@ Used during training (`evaluate_split`) and as a command line tool:
 
 --model is any Whisper folder or hub id, or a CTranslate2 export (a folder holding model.bin),
 decoded through trainer.ct2_backend so both can be compared on the same shards.
+
+The per-utterance WER is the headline (it is what published Whisper WERs mean). Beside it, the
+packed evaluation (`evaluate_packed`, on by default in training, `--packed` here) decodes the
+split as real-time tools do: utterances in stored order packed into full windows
+(trainer.packing, a fixed silence between them), timestamps on, no prompt. It reports the WER
+of the windows and how far the predicted segment starts lie from the true ones
+(trainer.longform).
 """
 
 from __future__ import annotations
@@ -25,8 +32,22 @@ from shard_builder import contract
 from trainer import distributed
 from trainer.data import DataConfig, check_split, eval_batches, pad_features_to_full
 from trainer.distributed import Dist
+from trainer.longform import match_starts, segments_from_ids, start_error_summary
 from trainer.metrics import format_report, utterance_wer, wer_report
 from trainer.model import window_frames
+from trainer.packing import (
+    PackingLimits,
+    ShardReader,
+    WindowChoices,
+    WindowTargets,
+    build_length_index,
+    build_window,
+    collate_windows,
+    plan_windows,
+    window_features_to_full,
+)
+
+PREFIX_WITH_TIMESTAMPS = 3  # <|startoftranscript|><|lang|><|task|>
 
 
 def _help(text: str, **kwargs: Any):
@@ -48,18 +69,34 @@ class EvalConfig:
     eval_at_start: bool = _help(
         "also evaluate before the first step (the baseline WER)", default=False
     )
+    packed_eval: bool = _help(
+        "also decode the eval split packed into full windows (stored order, a fixed silence "
+        "between utterances), timestamps on, no prompt: window WER and the error of predicted "
+        "segment starts against the true ones",
+        default=True,
+    )
+    packed_eval_windows: int | None = _help(
+        "packed evaluation: only the first N windows (None = all; the windows are packed from "
+        "the same samples as the per-utterance evaluation, eval_limit included)",
+        default=256,
+    )
+    packed_gap_seconds: float = _help(
+        "packed evaluation: silence between consecutive utterances of a window", default=0.5
+    )
 
 
 # --- decoders: features padded to the model's window in, text out -----------------------------
 
 
 class HFDecoder:
-    """Whisper generate() with language and task forced and no timestamps."""
+    """Whisper generate() with language and task forced; no timestamps, or (`timestamped`) with
+    them."""
 
     def __init__(self, model, tokenizer, language: str, task: str, precision: str) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.language, self.task, self.precision = language, task, precision
         self.window_frames = window_frames(model.config)
+        self.max_target_positions = int(model.config.max_target_positions)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +123,36 @@ class HFDecoder:
             sequences = sequences["sequences"]
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
 
+    def timestamped(
+        self, features: torch.Tensor, max_new_tokens: int, beam_size: int
+    ) -> list[list[int]]:
+        """Token ids per window (prefix included), decoded with Whisper's timestamp rules.
+
+        One decoding pass per window (`force_unique_generate_call`): transformers would
+        otherwise decode again from the last timestamp, as its long-form mode does.
+        """
+        from trainer.optim import autocast
+
+        room = self.max_target_positions - PREFIX_WITH_TIMESTAMPS
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), autocast(self.precision, self.device):
+            output = self.model.generate(
+                input_features=features,
+                language=self.language,
+                task=self.task,
+                return_timestamps=True,
+                force_unique_generate_call=True,
+                return_dict_in_generate=True,
+                num_beams=beam_size,
+                do_sample=False,
+                max_new_tokens=min(max_new_tokens, room),
+                use_cache=True,
+            )
+        self.model.train(was_training)
+        sequences = output["sequences"] if isinstance(output, dict) else output.sequences
+        return sequences.tolist()
+
 
 class CT2Decoder:
     """A CTranslate2 export (trainer.ct2_backend), imported only when one is evaluated."""
@@ -95,6 +162,7 @@ class CT2Decoder:
 
         self.transcriber = CT2Transcriber(folder, device="cuda" if device == "cuda" else "cpu")
         self.tokenizer = self.transcriber.tokenizer
+        self.folder = Path(folder)
         self.prefix = self.transcriber.prefix_tokens(language, task)
         self.window_frames = self.transcriber.window_frames
         self.device = torch.device("cpu")  # features go to CTranslate2 as numpy
@@ -107,6 +175,25 @@ class CT2Decoder:
             beam_size=beam_size,
         )
         return [self.transcriber.decode(seq) for seq in ids]
+
+    @property
+    def text_tokenizer(self):
+        """The export's tokenizer.json as a transformers tokenizer (what packing needs)."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(self.folder / "tokenizer.json"))
+
+    def timestamped(
+        self, features: torch.Tensor, max_new_tokens: int, beam_size: int
+    ) -> list[list[int]]:
+        """CTranslate2 applies Whisper's timestamp rules when the prefix lacks
+        <|notimestamps|>; ids after the prefix, without <|endoftext|>."""
+        return self.transcriber.generate_tokens(
+            features.float().cpu().numpy(),
+            prefix_tokens=self.prefix[:PREFIX_WITH_TIMESTAMPS],
+            max_length=max_new_tokens,
+            beam_size=beam_size,
+        )
 
 
 # --- evaluation over a split ------------------------------------------------------------------
@@ -199,6 +286,123 @@ def evaluate_split(
     return report, utterances
 
 
+# --- packed, timestamped evaluation -----------------------------------------------------------
+
+
+def evaluate_packed(
+    decoder,
+    split_dir: str | Path,
+    info: Dist,
+    batch_size: int,
+    max_new_tokens: int,
+    beam_size: int = 1,
+    *,
+    limit: int | None = None,
+    max_windows: int | None = None,
+    gap_seconds: float = 0.5,
+    language: str = "de",
+    task: str = "transcribe",
+    progress: bool = False,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Decode the split packed into full windows with timestamps; rank 0 gets (report, windows).
+
+    The windows are `plan_windows(..., epoch=None)` of the first `limit` samples in stored
+    order, a fixed `gap_seconds` of silence before each utterance, then the first `max_windows`
+    of them; rank r decodes windows r, r + R, ... and one gather ends it, as in
+    `evaluate_split`. `max_new_tokens` is per utterance: a batch may generate that many, plus
+    two timestamps, for each utterance of its fullest window (up to the decoder's positions).
+    """
+    started = time.perf_counter()
+    split_dir = Path(split_dir)
+    manifest = contract.load_manifest(split_dir)
+    limits = PackingLimits(decoder.window_frames, gap_seconds=(gap_seconds, gap_seconds))
+    windows = plan_windows(
+        build_length_index(split_dir, manifest), limits, seed=0, epoch=None, limit=limit
+    )[:max_windows]
+    tokenizer = getattr(decoder, "text_tokenizer", decoder.tokenizer)
+    targets = WindowTargets(tokenizer, language, task, limits.max_tokens)
+    no_timestamps, eot = targets.no_timestamps, targets.end
+    mine = list(range(info.rank, len(windows), info.world_size))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="packed eval", unit="batch", leave=False)
+    reader = ShardReader(split_dir, [shard["name"] for shard in manifest["shards"]])
+    results: list[dict[str, Any]] = []
+    try:
+        for numbers in batches:
+            built = []
+            for number in numbers:
+                placed = windows[number]
+                samples = [reader.read(p.shard, p.index) for p in placed]
+                built.append(build_window(samples, placed, targets, WindowChoices(True, False)))
+            batch = collate_windows(built)
+            features = window_features_to_full(
+                batch["features"].to(decoder.device), decoder.window_frames
+            )
+            fullest = max(len(w["keys"]) for w in built)
+            sequences = decoder.timestamped(features, fullest * (max_new_tokens + 2), beam_size)
+            for number, window, ids in zip(numbers, built, sequences, strict=True):
+                segments = segments_from_ids(ids, no_timestamps, eot)
+                true_starts = [start for start, _ in window["spans"]]
+                predicted = [s.start for s in segments if s.start is not None]
+                results.append(
+                    {
+                        "window": number,
+                        "keys": window["keys"],
+                        "spans": window["spans"],
+                        "reference": " ".join(t.strip() for t in window["transcripts"]),
+                        "hypothesis": " ".join(
+                            tokenizer.decode(list(s.tokens), skip_special_tokens=True).strip()
+                            for s in segments
+                        ).strip(),
+                        "segments": [
+                            {
+                                "start": s.start,
+                                "end": s.end,
+                                "text": tokenizer.decode(list(s.tokens), skip_special_tokens=True),
+                            }
+                            for s in segments
+                        ],
+                        "start_errors": match_starts(true_starts, predicted),
+                    }
+                )
+    finally:
+        reader.close()
+    gathered = distributed.gather_objects(info, results)
+    if not info.is_main:
+        return None, []
+    results = sorted((w for part in gathered for w in part), key=lambda w: w["window"])
+    if [w["window"] for w in results] != list(range(len(windows))):
+        raise AssertionError("a packed window was decoded twice, or not at all, across ranks")
+    return packed_report(results, gap_seconds, time.perf_counter() - started), results
+
+
+def packed_report(
+    windows: list[dict[str, Any]], gap_seconds: float, wall_seconds: float
+) -> dict[str, Any]:
+    """Window WER (orthographic and normalised, references = the window's transcripts joined)
+    and the segment-start figures of trainer.longform over every utterance of every window."""
+    wer = wer_report(
+        [w["reference"] for w in windows],
+        [w["hypothesis"] for w in windows],
+        ["packed"] * len(windows),
+    )
+    utterances = sum(len(w["keys"]) for w in windows)
+    segments = sum(len(w["segments"]) for w in windows)
+    return {
+        "packed_windows": len(windows),
+        "packed_utterances": utterances,
+        "packed_gap_seconds": gap_seconds,
+        "packed_wer_orthographic": wer["wer_orthographic"],
+        "packed_wer_normalised": wer["wer_normalised"],
+        "packed_segments_per_utterance": segments / utterances if utterances else float("nan"),
+        **start_error_summary(e for w in windows for e in w["start_errors"]),
+        "packed_wall_seconds": wall_seconds,
+    }
+
+
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -224,6 +428,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--output", default=None, help="write the report (JSON) here")
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also decode the split packed into full windows with timestamps (no prompt): "
+        "window WER and segment-start error against the true utterance starts",
+    )
+    parser.add_argument(
+        "--packed-windows", type=int, default=None, help="packed: only the first N windows"
+    )
+    parser.add_argument(
+        "--packed-gap-seconds", type=float, default=0.5, help="packed: silence between utterances"
+    )
     parser.add_argument(
         "--worst",
         type=int,
@@ -286,6 +502,24 @@ def main(argv: list[str] | None = None) -> int:
             args.beam_size,
             progress=True,
         )
+        windows = []
+        if args.packed:
+            packed, windows = evaluate_packed(
+                decoder,
+                args.shards,
+                info,
+                args.batch_size,
+                args.max_new_tokens,
+                args.beam_size,
+                limit=args.limit,
+                max_windows=args.packed_windows,
+                gap_seconds=args.packed_gap_seconds,
+                language=args.language,
+                task=args.task,
+                progress=True,
+            )
+            if report is not None:
+                report.update(packed)
         if info.is_main:
             kind = "ctranslate2" if isinstance(decoder, CT2Decoder) else "transformers"
             report = {"model": args.model, "backend": kind, "shards": args.shards, **report}
@@ -303,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"     ref: {u['reference']}\n     hyp: {u['hypothesis']}"
                     )
             report["utterances"] = utterances
+            if windows:
+                report["packed"] = windows
             if args.output:
                 Path(args.output).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -482,11 +482,15 @@ def _open_sample_log(run: Run):
 
 
 def evaluate(run: Run) -> None:
-    """WER on the eval split; a new best is saved as RUN/best (a plain HF folder)."""
+    """WER on the eval split (the headline, per utterance) and, with eval.packed_eval, the packed
+    timestamped figures; a new best is saved as RUN/best (a plain HF folder)."""
+    from trainer.evaluate import evaluate_packed
+
     config, state = run.config, run.state
     decoder = HFDecoder(
         run.model, run.processor.tokenizer, config.model.language, config.model.task, run.precision
     )
+    windows: list[dict] = []
     # The eval loader may draw from the global RNG too; keep training's streams untouched.
     with torch.random.fork_rng(devices=[]):
         report, utterances = evaluate_split(
@@ -498,20 +502,43 @@ def evaluate(run: Run) -> None:
             config.eval.max_new_tokens,
             config.eval.beam_size,
         )
+        if config.eval.packed_eval:
+            packed, windows = evaluate_packed(
+                decoder,
+                run.eval_dir,
+                run.info,
+                config.eval.eval_batch_size,
+                config.eval.max_new_tokens,
+                config.eval.beam_size,
+                limit=config.data.eval_limit,
+                max_windows=config.eval.packed_eval_windows,
+                gap_seconds=config.eval.packed_gap_seconds,
+                language=config.model.language,
+                task=config.model.task,
+            )
+            if report is not None:
+                report.update(packed)
     metric = None
     if report is not None:
         metric = report[config.eval.best_metric]
         run.logger.info("evaluation at step %d:\n%s", state.step, format_report(report))
-        values = {
-            k: report[k]
-            for k in (
-                "wer_orthographic",
-                "wer_normalised",
-                "cer_orthographic",
-                "cer_normalised",
-                "real_time_factor",
-            )
-        }
+        names = [
+            "wer_orthographic",
+            "wer_normalised",
+            "cer_orthographic",
+            "cer_normalised",
+            "real_time_factor",
+        ]
+        if config.eval.packed_eval:
+            names += [
+                "packed_wer_orthographic",
+                "packed_wer_normalised",
+                "segment_start_error_median_s",
+                "segment_start_within_0_5s",
+                "segment_start_missed",
+                "packed_segments_per_utterance",
+            ]
+        values = {k: report[k] for k in names}
         for source, figures in report["per_source"].items():
             values[f"{source}/wer_normalised"] = figures["wer_normalised"]
         run.logger.scalars(state.step, values, kind="eval")
@@ -519,7 +546,7 @@ def evaluate(run: Run) -> None:
         folder.mkdir(exist_ok=True)
         (folder / f"step-{state.step}.json").write_text(
             json.dumps(
-                {**report, "step": state.step, "utterances": utterances},
+                {**report, "step": state.step, "utterances": utterances, "packed": windows},
                 indent=1,
                 ensure_ascii=False,
             )

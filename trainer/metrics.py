@@ -123,6 +123,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"references empty after normalising (dropped): "
         f"{report['dropped_empty_after_normalisation']}",
     ]
+    if "packed_wer_normalised" in report:
+        lines += [
+            f"packed windows: {report['packed_windows']} ({report['packed_utterances']} "
+            f"utterances, {report['packed_gap_seconds']:g} s silence between, timestamps on, "
+            "no prompt)",
+            f"packed WER orthographic / normalised: {pct(report['packed_wer_orthographic'])} / "
+            f"{pct(report['packed_wer_normalised'])}",
+            f"segment starts: median error {report['segment_start_error_median_s']:.2f} s, "
+            f"within 0.5 s {pct(report['segment_start_within_0_5s'])}, missed "
+            f"{pct(report['segment_start_missed'])}, predicted segments per utterance "
+            f"{report['packed_segments_per_utterance']:.2f}",
+        ]
     if report.get("per_source"):
         lines.append(f"{'source':32s} {'utts':>6s} {'WER orth':>10s} {'WER norm':>10s}")
         for name, figures in report["per_source"].items():

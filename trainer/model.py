@@ -105,10 +105,17 @@ def window_frames(model_config) -> int:
 
 
 def configure_generation(model, tokenizer, language: str, task: str) -> None:
-    """Fix language and task (a forced prefix) and switch timestamps off.
+    """Fix language and task (a forced prefix); timestamps off by default but predictable.
 
     A model initialised from a bare config has a default generation config without the
     language table Whisper's generate() needs, so every id is taken from the tokenizer.
+    `return_timestamps` stays False (the per-utterance evaluation decodes without them), while
+    what `generate(..., return_timestamps=True)` needs is set as in openai/whisper-*'s
+    generation_config.json: `no_timestamps_token_id` (timestamps follow it),
+    `max_initial_timestamp_index` 50 (the first timestamp at most 1.00 s),
+    `prev_sot_token_id` (prompts), and `begin_suppress_tokens` (no blank or end token first)
+    where the model has none. CTranslate2's converter copies the suppress lists into the export;
+    faster-whisper takes the timestamp ids from the tokenizer and its own arguments.
     """
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
@@ -129,8 +136,16 @@ def configure_generation(model, tokenizer, language: str, task: str) -> None:
     generation.language = language
     generation.task = task
     generation.return_timestamps = False
+    generation.max_initial_timestamp_index = 50
+    generation.prev_sot_token_id = vocab["<|startofprev|>"]
+    if not getattr(generation, "begin_suppress_tokens", None):
+        generation.begin_suppress_tokens = [vocab["Ġ"], vocab["<|endoftext|>"]]
     generation.forced_decoder_ids = None
     generation.max_length = model.config.max_target_positions
+    # A config derived from config.json (a model initialised without weights) is saved with
+    # `_from_model_config: true`, and transformers then ignores every Whisper field above when
+    # RUN/best is loaded again (measured with transformers 5.23): mark it as a config of its own.
+    generation._from_model_config = False
 
 
 def prefix_tokens(tokenizer, language: str, task: str) -> list[int]:
