@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shard_builder import contract  # noqa: E402
+from trainer.longform import match_starts, start_error_summary  # noqa: E402
 from trainer.metrics import normalise, wer_report  # noqa: E402
 
 SAMPLING_RATE = contract.SAMPLING_RATE
@@ -151,13 +152,6 @@ def long_files(clips: list[dict], seed: int = 0) -> list[dict]:
     return files
 
 
-def start_errors(true_starts: list[float], predicted: list[float]) -> list[float]:
-    """Per true start, the distance to the nearest predicted segment start (inf: none)."""
-    if not predicted:
-        return [float("inf")] * len(true_starts)
-    return [min(abs(t - p) for p in predicted) for t in true_starts]
-
-
 def long_form(folder: Path, files: list[dict]) -> dict:
     from faster_whisper import WhisperModel
 
@@ -169,18 +163,14 @@ def long_form(folder: Path, files: list[dict]) -> dict:
         segments_total += len(segments)
         references.append(" ".join(item["texts"]))
         hypotheses.append(" ".join(s.text.strip() for s in segments))
-        errors += start_errors(item["starts"], [s.start for s in segments])
+        errors += match_starts(item["starts"], [s.start for s in segments])
     report = wer_report(references, hypotheses, ["long"] * len(files))
-    finite = [e for e in errors if np.isfinite(e)]
     return {
         "files": len(files),
         "audio_seconds": sum(f["audio"].size for f in files) / SAMPLING_RATE,
         "wer_normalised": report["wer_normalised"],
         "segments": segments_total,
-        "utterances": len(errors),
-        "start_error_median_s": float(np.median(errors)) if errors else float("nan"),
-        "start_within_0_5s": sum(e <= 0.5 for e in errors) / max(1, len(errors)),
-        "start_error_mean_finite_s": float(np.mean(finite)) if finite else float("nan"),
+        **start_error_summary(errors),
     }
 
 
@@ -271,8 +261,8 @@ def print_table(results: list[dict], steps: int) -> None:
             f"{r['model']:<11} {100 * r['per_utterance_unseen']:8.1f} % / "
             f"{100 * r['per_utterance_all']:5.1f} %      "
             f"{100 * lu['wer_normalised']:8.1f} % / {100 * la['wer_normalised']:5.1f} %      "
-            f"{lu['start_error_median_s']:8.2f} s              "
-            f"{100 * lu['start_within_0_5s']:5.1f} %        "
+            f"{lu['segment_start_error_median_s']:8.2f} s              "
+            f"{100 * lu['segment_start_within_0_5s']:5.1f} %        "
             f"{100 * r['prompted_unseen']:6.1f} %"
         )
 
