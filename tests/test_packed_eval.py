@@ -143,3 +143,35 @@ def test_training_logs_the_packed_figures(demo_shards, tmp_path):
     assert saved["packed_utterances"] == 8  # the FAST eval limit: the same samples
     assert sum(len(w["keys"]) for w in saved["packed"]) == 8
     assert "packed WER" in (run_dir / "training.log").read_text()
+
+
+def test_evaluate_cli_offers_the_packed_figures(demo_shards, tmp_path, capsys):
+    output = tmp_path / "report.json"
+    code = evaluate.main(
+        [
+            "--model",
+            str(TINY_MODEL),
+            "--shards",
+            str(demo_shards / "test"),
+            "--limit",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--packed",
+            "--packed-windows",
+            "3",
+            "--output",
+            str(output),
+        ]
+    )
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["num_utterances"] == 4 and report["packed_windows"] == len(report["packed"]) == 3
+    assert set(PACKED_KEYS) <= set(report)
+    assert "segment starts: median error" in capsys.readouterr().out

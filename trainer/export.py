@@ -11,7 +11,13 @@ converted folder needs to be usable and trustworthy:
 - an atomic output: the folder appears under its final name only when complete (and verified,
   with --strict);
 - a verification: faster-whisper loads and transcribes a clip, and CTranslate2's greedy tokens
-  are compared with Hugging Face's on the same features and prefix.
+  are compared with Hugging Face's on the same features and prefix;
+- a long-form check in the way RealtimeSTT calls faster-whisper (`transcribe()` with timestamps
+  on and beam 5) on demo test clips joined into one long clip: segment count, WER against the
+  joined references, and how far the segment starts lie from the true utterance starts
+  (trainer.longform). Its figures are reported, never a reason to fail: the export cannot know
+  whether the model is meant to be good yet (the demo's random preset is not). It fails only
+  when faster-whisper itself fails; --strict also fails an export that gives no segment at all.
 """
 
 from __future__ import annotations
@@ -63,6 +69,12 @@ class ExportConfig:
     verify_audio: str = _help(
         "audio file for the check (default: a demo corpus test clip)", default=""
     )
+    long_form_seconds: float = _help(
+        "long-form check: join demo test clips (0.7 s of silence between) into a clip of at "
+        "least this many seconds and transcribe it as RealtimeSTT does (timestamps on, beam 5); "
+        "0 = skip",
+        default=45.0,
+    )
     strict: bool = _help(
         "fail, and leave no output, unless CTranslate2's greedy tokens equal "
         "Hugging Face's exactly",
@@ -90,6 +102,24 @@ class Verification:
     hf_text: str
     ct2_text: str
     faster_whisper_text: str | None  # None: faster-whisper cannot run this window (see below)
+    long_form: LongFormCheck | None = None  # None: skipped, or a window faster-whisper can't run
+
+
+@dataclass
+class LongFormCheck:
+    """faster-whisper's transcribe() on joined demo clips, timestamps on, beam 5."""
+
+    audio: str
+    seconds: float
+    utterances: int
+    segments: list[dict[str, Any]]  # start, end, text
+    wer_normalised: float
+    wer_orthographic: float
+    start_errors: list[float | None]  # per true utterance start; None = no segment paired
+    summary: dict[str, float | int]  # trainer.longform.start_error_summary
+    reference: str
+    text: str
+    seconds_taken: float
 
 
 @dataclass
@@ -259,6 +289,79 @@ def first_demo_clip() -> tuple[np.ndarray, str]:
     raise ValueError(f"{files[0]} holds no decodable clip")
 
 
+LONG_FORM_GAP_SECONDS = 0.7
+LONG_FORM_BEAM_SIZE = 5  # RealtimeSTT's
+
+
+def demo_long_clip(min_seconds: float) -> tuple[np.ndarray, list[float], list[str], str]:
+    """(audio, true start of each utterance, its transcript, a name): consecutive decodable demo
+    test clips joined with LONG_FORM_GAP_SECONDS of silence until at least `min_seconds`."""
+    import pyarrow.parquet as pq
+
+    from shard_builder.audio import RejectedRow, decode_audio
+    from trainer.longform import join_clips
+
+    files = sorted(DEMO_CORPUS_DATA.glob("test-*.parquet"))
+    if not files:
+        raise ValueError("no demo corpus for the long-form check: pass --long-form-seconds 0")
+    table = pq.read_table(files[0], columns=["audio", "transkription"])
+    clips, texts, seconds = [], [], 0.0
+    for row, text in zip(
+        table.column("audio").to_pylist(), table.column("transkription").to_pylist(), strict=True
+    ):
+        try:
+            clip = decode_audio(row["bytes"])
+        except RejectedRow:
+            continue
+        clips.append(clip)
+        texts.append(text)
+        seconds += len(clip) / SAMPLING_RATE + LONG_FORM_GAP_SECONDS
+        if seconds >= min_seconds:
+            break
+    audio, offsets = join_clips(clips, LONG_FORM_GAP_SECONDS, SAMPLING_RATE)
+    return audio, offsets, texts, f"{files[0].name}: first {len(clips)} clips joined"
+
+
+def long_form_check(folder: Path, config: ExportConfig) -> LongFormCheck | None:
+    """RealtimeSTT's call on a long clip: `transcribe(audio, language, beam_size=5)` with
+    faster-whisper's defaults otherwise (timestamps on, temperature fallback, previous text as
+    prompt, no VAD). None when skipped or when faster-whisper cannot run the model's window."""
+    from faster_whisper import WhisperModel
+
+    from trainer.ct2_backend import export_window_frames
+    from trainer.longform import match_starts, start_error_summary
+    from trainer.metrics import wer_report
+
+    if config.long_form_seconds <= 0 or export_window_frames(folder) != FASTER_WHISPER_FRAMES:
+        return None
+    audio, offsets, texts, name = demo_long_clip(config.long_form_seconds)
+    started = time.perf_counter()
+    model = WhisperModel(str(folder), device=config.device, compute_type=config.compute_type)
+    segments, _ = model.transcribe(
+        audio, language=config.language, task=config.task, beam_size=LONG_FORM_BEAM_SIZE
+    )
+    segments = [
+        {"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in segments
+    ]
+    reference = " ".join(texts)
+    text = " ".join(s["text"].strip() for s in segments).strip()
+    wer = wer_report([reference], [text], ["long-form"])
+    errors = match_starts(offsets, [s["start"] for s in segments])
+    return LongFormCheck(
+        audio=name,
+        seconds=len(audio) / SAMPLING_RATE,
+        utterances=len(texts),
+        segments=segments,
+        wer_normalised=wer["wer_normalised"],
+        wer_orthographic=wer["wer_orthographic"],
+        start_errors=errors,
+        summary=start_error_summary(errors),
+        reference=reference,
+        text=text,
+        seconds_taken=time.perf_counter() - started,
+    )
+
+
 def hf_greedy_tokens(
     model: str, features: np.ndarray, prefix: list[int], max_new_tokens: int, eot_id: int
 ) -> list[int]:
@@ -359,6 +462,7 @@ def verify(folder: Path, config: ExportConfig) -> Verification:
         hf_text=transcriber.decode(hf_tokens),
         ct2_text=transcriber.decode(ct2_tokens),
         faster_whisper_text=faster_whisper_text(folder, audio, config),
+        long_form=long_form_check(folder, config),
     )
 
 
@@ -418,6 +522,12 @@ def export(config: ExportConfig) -> ExportReport:
                     "--strict: CTranslate2's greedy tokens differ from Hugging "
                     f"Face's (agreement {report.verification.agreement:.3f})"
                 )
+            long_form = report.verification.long_form
+            if config.strict and long_form is not None and not long_form.segments:
+                raise ExportError(
+                    "--strict: faster-whisper's transcribe() (timestamps on, beam 5) gave no "
+                    f"segment for the {long_form.seconds:.0f} s long-form clip"
+                )
         (staging / "export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         publish(staging, out)
         return report
@@ -460,6 +570,31 @@ def print_report(report: ExportReport) -> None:
         )
     else:
         print(f"    faster-whisper {check.faster_whisper_text!r}")
+    print_long_form(check.long_form)
+
+
+def print_long_form(check: LongFormCheck | None) -> None:
+    if check is None:
+        print("  long-form     not run (--long-form-seconds 0, or a window other than 30 s)")
+        return
+    summary = check.summary
+    print(
+        f"  long-form     faster-whisper transcribe(), timestamps on, beam "
+        f"{LONG_FORM_BEAM_SIZE}, on {check.seconds:.1f} s ({check.audio}; "
+        f"{check.seconds_taken:.1f} s)"
+    )
+    print(
+        f"    {len(check.segments)} segments for {check.utterances} utterances; WER normalised "
+        f"{100 * check.wer_normalised:.1f} %, orthographic {100 * check.wer_orthographic:.1f} %"
+    )
+    print(
+        f"    segment starts vs true: median error "
+        f"{summary['segment_start_error_median_s']:.2f} s, within 0.5 s "
+        f"{100 * summary['segment_start_within_0_5s']:.0f} %, missed "
+        f"{100 * summary['segment_start_missed']:.0f} %"
+    )
+    if not check.segments:
+        print("    warning: no segment at all (expected only from an untrained model)")
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
@@ -480,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
         elif spec.type == "bool":
             parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
         else:
-            kind = int if spec.type == "int" else str
+            kind = {"int": int, "float": float}.get(spec.type, str)
             parser.add_argument(
                 flag,
                 type=kind,
