@@ -535,7 +535,7 @@ def make_plan(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
     fake_mode = FakeTensorMode()
     model = build_fake_model(config.model, fake_mode)
     positions = int(model.config.max_target_positions)
-    tokens = target_tokens(config, options, positions + 1)  # inputs drop the last token
+    tokens = target_tokens(config, options, positions)
     states = model_state_bytes(model, options.world_size, config.optim.zero1)
     measured = measure_micro_batch(model, fake_mode, config.data.batch_size, tokens, precision)
     return assemble(config, options, gpu, precision, model, states, measured, tokens)
