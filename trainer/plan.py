@@ -31,7 +31,6 @@ loss stay float32), so the saved dtypes are those of the GPU run.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -415,20 +414,7 @@ class Measured:
 def measure_micro_batch(
     model, fake_mode, batch_size: int, target_tokens: int, precision: str
 ) -> Measured:
-    """Two micro-batches of the trainer's step on fake tensors; figures of the second.
-
-    The garbage collector is held off meanwhile: reference cycles freed whenever it happened
-    to run made the peak vary by ~0.1 GiB between identical runs.
-    """
-    gc.collect()
-    gc.disable()
-    try:
-        return _measure(model, fake_mode, batch_size, target_tokens, precision)
-    finally:
-        gc.enable()
-
-
-def _measure(model, fake_mode, batch_size: int, target_tokens: int, precision: str) -> Measured:
+    """Two micro-batches of the trainer's step on fake tensors; figures of the second."""
     n_mels = model.config.num_mel_bins
     frames = window_frames(model.config)
     vocab = model.config.vocab_size
