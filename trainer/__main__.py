@@ -1,12 +1,23 @@
-"""`python -m trainer` or `torchrun --nproc_per_node=N -m trainer`: see docs/training.md."""
+"""`python -m trainer` or `torchrun --nproc_per_node=N -m trainer`: see docs/training.md.
+
+`--dry-run` prints the training plan (memory per GPU, FLOPs, step time, hours per epoch:
+`python -m trainer.plan`) for the same settings and exits without training; the plan's own
+options (`--gpu`, `--world-size`, `--json`, ...) are accepted after it.
+"""
 
 import sys
 
 from trainer.config import load_config
-from trainer.loop import main
 
 
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dry-run" in argv:
+        from trainer import plan
+
+        return plan.main([arg for arg in argv if arg != "--dry-run"])
+    from trainer.loop import main
+
     try:
         config = load_config(argv)
     except ValueError as error:

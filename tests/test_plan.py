@@ -1,0 +1,218 @@
+"""trainer.plan: what it predicts must equal what real optimisers hold and what FLOPs analysis
+says, and its verdict must name a fix that fits.
+
+The tiny preset and whisper-base (from the offline config under config/models/, no weights
+needed) keep the file fast; turbo itself is only exercised by the documentation's command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from trainer import plan
+from trainer.__main__ import run as trainer_main
+from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
+
+TINY = str(Path(__file__).resolve().parent.parent / "config" / "models" / "tiny-whisper-de")
+BASE = "openai/whisper-base"  # mapped to config/models/whisper-base/config.json
+
+
+def _real_model(freeze_encoder: bool = False):
+    """The tiny preset as the trainer prepares it, with real float32 tensors on the CPU."""
+    config = ModelConfig(name_or_path=TINY, freeze_encoder=freeze_encoder)
+    torch.manual_seed(0)
+    return plan.build_fake_model(config, torch.device("cpu"))
+
+
+def _one_step(model, optimizer) -> None:
+    """One forward, backward and optimiser step on a random batch of the model's shape."""
+    features = torch.randn(2, model.config.num_mel_bins, window_frames(model.config))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    inputs, labels = decoder_inputs_and_labels(tokens, model.config.pad_token_id)
+    logits = model(input_features=features, decoder_input_ids=inputs).logits
+    summed, count = token_loss(logits, labels)
+    (summed / count).backward()
+    optimizer.step()
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(
+        value.nbytes
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+@pytest.mark.parametrize("freeze_encoder", [False, True])
+def test_model_states_equal_what_a_real_adamw_holds(freeze_encoder):
+    model = _real_model(freeze_encoder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    _one_step(model, optimizer)
+    predicted = plan.model_state_bytes(model, world_size=1, zero1=False)
+
+    assert predicted["weights"] == sum(p.nbytes for p in model.parameters())
+    assert predicted["gradients"] == sum(p.grad.nbytes for p in trainable)
+    assert predicted["optimizer"] == _state_bytes(optimizer)
+    assert predicted["ddp_buckets"] == 0  # one process: no DDP
+    if freeze_encoder:  # the encoder has neither gradients nor AdamW states
+        assert all(p.grad is None for p in model.model.encoder.parameters())
+        encoder = sum(p.numel() for p in model.model.encoder.parameters())
+        assert predicted["trainable_parameters"] == predicted["parameters"] - encoder
+
+
+def _zero_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = _real_model()
+        optimizer = ZeroRedundancyOptimizer(
+            [p for p in model.parameters() if p.requires_grad],
+            optimizer_class=torch.optim.AdamW,
+            lr=1e-3,
+        )
+        _one_step(model, optimizer)
+        held = _state_bytes(optimizer.optim)  # this rank's share of the AdamW state
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"optimizer": held}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero1_shares_equal_what_zero_redundancy_optimizer_holds_on_two_ranks(tmp_path):
+    mp.spawn(_zero_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    held = [json.loads((tmp_path / f"rank{r}.json").read_text())["optimizer"] for r in (0, 1)]
+
+    predicted = plan.model_state_bytes(_real_model(), world_size=2, zero1=True)
+    assert predicted["optimizer_per_rank"] == held
+    assert predicted["optimizer"] == max(held)
+    full = plan.model_state_bytes(_real_model(), world_size=1, zero1=False)["optimizer"]
+    assert sum(held) == full  # the shares partition the whole state
+    assert predicted["ddp_buckets"] == predicted["gradients"]  # two ranks: DDP buckets
+
+
+def _activations(batch_size: int, checkpointing: bool) -> int:
+    mode = FakeTensorMode()
+    config = ModelConfig(name_or_path=BASE, gradient_checkpointing=checkpointing)
+    model = plan.build_fake_model(config, mode)
+    return plan.measure_micro_batch(model, mode, batch_size, 40, "fp16").activation_peak
+
+
+def test_activations_grow_linearly_with_batch_and_shrink_with_checkpointing():
+    # From a few samples on, the peak sits where the per-sample tensors dominate (below that,
+    # the peak of a + b * batch over the step moves between points with different a and b).
+    peaks = {batch: _activations(batch, checkpointing=False) for batch in (8, 16, 32)}
+    per_sample = (peaks[16] - peaks[8]) / 8
+    assert per_sample > 50 * 2**20  # whisper-base keeps a few hundred MB per 30 s sample
+    assert peaks[32] - peaks[16] == pytest.approx(16 * per_sample, rel=0.01)
+    # what does not grow with the batch (the float16 copies of the weights, ...) is small
+    assert peaks[8] - 8 * per_sample < per_sample
+    checkpointed = _activations(32, checkpointing=True)
+    assert checkpointed < 0.8 * peaks[32]
+
+
+def _analytic_flops(config, positions: int) -> int:
+    """Forward and backward matmul FLOPs of one Whisper sample (2 per multiply-add)."""
+    d, ffn, vocab = config.d_model, config.encoder_ffn_dim, config.vocab_size
+    src, frames, mels = config.max_source_positions, 2 * config.max_source_positions, 80
+    conv1 = 2 * frames * d * mels * 3
+    conv2 = 2 * src * d * d * 3
+    encoder_layer = 8 * src * d * d + 4 * src * d * ffn + 4 * src * src * d
+    decoder_layer = (
+        8 * positions * d * d
+        + 4 * positions * positions * d  # self-attention
+        + 4 * positions * d * d
+        + 4 * src * d * d
+        + 4 * positions * src * d  # cross-attention
+        + 4 * positions * d * ffn
+    )
+    logits = 2 * positions * d * vocab
+    forward = (
+        conv1
+        + conv2
+        + config.encoder_layers * encoder_layer
+        + config.decoder_layers * decoder_layer
+        + logits
+    )
+    return 3 * forward - conv1  # backward = 2x forward; the features need no gradient
+
+
+def test_flops_of_whisper_base_agree_with_the_analytic_count():
+    from transformers import WhisperConfig
+
+    config = WhisperConfig.from_pretrained(plan.model_config_dir(BASE))
+    tokens = 64  # 63 decoder positions
+    counted = plan.count_model_flops(ModelConfig(name_or_path=BASE), 2, tokens)
+    assert counted == pytest.approx(2 * _analytic_flops(config, tokens - 1), rel=0.05)
+
+
+def test_whisper_base_config_is_the_real_one(whisper_base_dir):
+    shipped = json.loads((plan.model_config_dir(BASE) / "config.json").read_text())
+    assert shipped == json.loads((whisper_base_dir / "config.json").read_text())
+
+
+def _options(**values) -> plan.PlanOptions:
+    return plan.PlanOptions(context_gib=0.0, **values)
+
+
+def test_a_config_that_cannot_fit_gets_does_not_fit_and_the_cheapest_fix(monkeypatch):
+    argv = ["--name-or-path", BASE, "--batch-size", "4", "--gradient-checkpointing", "false"]
+    config, _ = plan.resolve(argv, environ={})
+    # whisper-base on two ranks: model states ~1.35 GiB (~1.08 with zero1), activations
+    # ~1.2 GiB at batch 4 and ~0.6 at batch 2
+    monkeypatch.setitem(plan.GPUS, "small", plan.Gpu("a small GPU", 2.0, 10.0, 10.0, "test"))
+    result = plan.plan_with_verdict(config, _options(gpu="small"))
+    verdict = result["verdict"]
+    assert not result["fits"] and not verdict["fits"]
+    assert verdict["fix"] == "--zero1 true --batch-size 2 --grad-accum 12"
+    assert verdict["fix_headroom"] >= 0
+    text = plan.format_plan(result)
+    assert "DOES NOT FIT" in text and "Cheapest change that fits: --zero1 true" in text
+
+    # nothing helps on a GPU smaller than the weights alone (every lever already pulled)
+    argv = ["--name-or-path", BASE, "--batch-size", "1", "--zero1", "true"]
+    config, _ = plan.resolve(argv + ["--freeze-encoder", "true"], environ={})
+    monkeypatch.setitem(plan.GPUS, "tiny", plan.Gpu("a tiny GPU", 0.25, 10.0, 10.0, "test"))
+    hopeless = plan.plan_with_verdict(config, _options(gpu="tiny"))
+    assert hopeless["verdict"]["fix"] is None
+    assert "nothing the trainer offers" in plan.format_plan(hopeless)
+
+
+def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    (shards / "train").mkdir(parents=True)
+    (shards / "train" / "manifest.json").write_text(json.dumps({"num_samples": 12345}))
+    monkeypatch.setattr(plan.os, "environ", {**os.environ, "TRAINER_BATCH_SIZE": "2"})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = trainer_main(
+            ["--dry-run", "--name-or-path", BASE, "--shards", str(shards), "--json"]
+            + ["--gpu", "rtx-3090", "--zero1", "true", "--pack", "true"]
+        )
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert result["batch_size"] == 2  # the environment layer applies
+    assert result["zero1"] and result["pack"] and result["gpu"] == "rtx-3090"
+    assert result["train_samples"] == 12345
+    assert result["target_tokens"] == 448  # packed: a full window of planned tokens
+    assert result["fits"] and result["verdict"]["fits"]
+    memory = result["memory_bytes"]
+    assert memory["optimizer"] < plan.adamw_state_bytes([result["trainable_parameters"]])
+    assert result["utterances_per_step"] > result["windows_per_step"]  # several per window
+    assert result["hours_per_epoch"] == pytest.approx(12345 / result["samples_per_second"] / 3600)
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert plan.main(["--name-or-path", "someone/whisper-unknown"]) == 2
+    assert "no config.json" in capsys.readouterr().err
