@@ -75,7 +75,7 @@ class DataConfig:
         "train on packed windows: consecutive utterances of the epoch's stream share one "
         "encoder window, with Whisper's timestamp tokens and previous-text prompts "
         "(trainer/packing.py); batch_size then counts windows",
-        default=False,
+        default=True,
     )
     timestamp_probability: float = _help(
         "packed mode: share of windows trained with timestamp tokens (the rest use "
