@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -169,8 +168,8 @@ def _options(**values) -> plan.PlanOptions:
 def test_a_config_that_cannot_fit_gets_does_not_fit_and_the_cheapest_fix(monkeypatch):
     argv = ["--name-or-path", BASE, "--batch-size", "4", "--gradient-checkpointing", "false"]
     config, _ = plan.resolve(argv + ["--pack", "false"], environ={})
-    # whisper-base on two ranks, one utterance per window: model states ~1.35 GiB (~1.08 with zero1), activations
-    # ~1.2 GiB at batch 4 and ~0.6 at batch 2
+    # whisper-base on two ranks, one utterance per window: model states ~1.35 GiB (~1.08 with
+    # zero1), activations ~1.2 GiB at batch 4 and ~0.6 at batch 2
     monkeypatch.setitem(plan.GPUS, "small", plan.Gpu("a small GPU", 2.0, 10.0, 10.0, "test"))
     result = plan.plan_with_verdict(config, _options(gpu="small"))
     verdict = result["verdict"]
@@ -193,7 +192,7 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
     shards = tmp_path / "shards"
     (shards / "train").mkdir(parents=True)
     (shards / "train" / "manifest.json").write_text(json.dumps({"num_samples": 12345}))
-    monkeypatch.setattr(plan.os, "environ", {**os.environ, "TRAINER_BATCH_SIZE": "2"})
+    monkeypatch.setenv("TRAINER_BATCH_SIZE", "2")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = trainer_main(

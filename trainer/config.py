@@ -209,16 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(
-    argv: list[str] | None = None, environ: dict[str, str] | None = None
-) -> TrainConfig:
-    """Resolve defaults < TOML < environment/.env < flags into one validated TrainConfig."""
-    if environ is None:
-        from dotenv import load_dotenv
+def read_environment(environ: dict[str, str] | None) -> dict[str, str]:
+    """`environ`, or the process environment with .env filling in what it does not set."""
+    if environ is not None:
+        return environ
+    from dotenv import load_dotenv
 
-        load_dotenv()  # .env fills in what the real environment does not set
-        environ = dict(os.environ)
-    args = vars(build_parser().parse_args(argv))
+    load_dotenv()
+    return dict(os.environ)
+
+
+def resolve_layers(args: dict[str, Any], environ: dict[str, str]) -> TrainConfig:
+    """Defaults < TOML (`args["config"]` or TRAINER_CONFIG) < environment < parsed flags, not
+    yet validated (`trainer.plan` needs neither shards nor a run folder)."""
     config = TrainConfig()
     config_file = args.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if config_file:
@@ -229,6 +232,15 @@ def load_config(
     for name, text in args.items():
         section, field_name, kind = settable[name]
         _set(config, section, field_name, _convert(text, kind, "--" + name))
+    return config
+
+
+def load_config(
+    argv: list[str] | None = None, environ: dict[str, str] | None = None
+) -> TrainConfig:
+    """Resolve defaults < TOML < environment/.env < flags into one validated TrainConfig."""
+    environ = read_environment(environ)
+    config = resolve_layers(vars(build_parser().parse_args(argv)), environ)
     if not config.output_dir:
         config.output_dir = str(Path(environ.get("RUNS_DIR") or "runs") / config.run_name)
     config.validate()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import weakref
 from dataclasses import dataclass, replace
@@ -42,16 +41,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import (
-    ENV_PREFIX,
-    TrainConfig,
-    _convert,
-    _set,
-    _settable,
-    apply_environment,
-    apply_toml,
-    build_parser,
-)
+from trainer.config import TrainConfig, build_parser, read_environment, resolve_layers
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
 from trainer.optim import autocast, resolve_precision
 
@@ -210,11 +200,7 @@ def resolve(
 ) -> tuple[TrainConfig, PlanOptions]:
     """The trainer's settings (as load_config resolves them, without requiring shards or a run
     folder) and the plan's own options."""
-    if environ is None:
-        from dotenv import load_dotenv
-
-        load_dotenv()
-        environ = dict(os.environ)
+    environ = read_environment(environ)
     args = vars(build_plan_parser().parse_args(argv))
     options = PlanOptions(
         gpu=args.pop("gpu"),
@@ -227,16 +213,7 @@ def resolve(
         json=args.pop("json"),
     )
     train_samples = args.pop("train_samples")
-    config = TrainConfig()
-    config_file = args.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG")
-    if config_file:
-        apply_toml(config, config_file)
-        config.config = str(config_file)
-    apply_environment(config, environ)
-    settable = _settable()
-    for name, text in args.items():
-        section, field_name, kind = settable[name]
-        _set(config, section, field_name, _convert(text, kind, "--" + name))
+    config = resolve_layers(args, environ)
     config.data.validate()
     config.optim.validate()
     if options.world_size < 1 or not 0 < options.utilization <= 1:
