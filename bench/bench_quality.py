@@ -97,15 +97,9 @@ def per_utterance_wer(model: str, shards: Path, out: Path) -> list[dict]:
 
 
 def train_texts(shards: Path) -> set[str]:
-    from trainer.data import decode_sample, iter_shard_samples
+    from trainer.data import iter_split_samples
 
-    texts = set()
-    manifest = contract.load_manifest(shards / "train")
-    for shard in manifest["shards"]:
-        path = shards / "train" / shard["name"]
-        for key, members in iter_shard_samples(path, 0, shard["num_samples"]):
-            texts.add(normalise(decode_sample(key, members)["text"]))
-    return texts
+    return {normalise(sample["text"]) for sample in iter_split_samples(shards / "train")}
 
 
 def test_clips(shards: Path) -> list[dict]:
@@ -113,19 +107,15 @@ def test_clips(shards: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     from shard_builder.audio import decode_audio
-    from trainer.data import decode_sample, iter_shard_samples
+    from trainer.data import iter_split_samples
 
     table = pq.read_table(next((REPO / "demo/corpus/data").glob("test-*.parquet")))
     audio = table.column("audio").to_pylist()
     clips = []
-    manifest = contract.load_manifest(shards / "test")
-    for shard in manifest["shards"]:
-        path = shards / "test" / shard["name"]
-        for key, members in iter_shard_samples(path, 0, shard["num_samples"]):
-            sample = decode_sample(key, members)
-            row = int(key.rsplit("-", 1)[1])
-            waveform = decode_audio(audio[row]["bytes"])
-            clips.append({"key": key, "text": sample["text"], "audio": waveform})
+    for sample in iter_split_samples(shards / "test"):
+        row = int(sample["key"].rsplit("-", 1)[1])
+        waveform = decode_audio(audio[row]["bytes"])
+        clips.append({"key": sample["key"], "text": sample["text"], "audio": waveform})
     return clips
 
 

@@ -10,8 +10,9 @@ shard is compared with what the manifest recorded when it was written.
 - deep (`--deep`): additionally reads and decodes every sample (dtypes, shapes, finite values,
   token ranges, prefix and end token, metadata fields).
 
-Only the standard library, numpy, tqdm and `shard_builder.contract` are imported, so the
-trainer can run the fast check at start-up without the builder's audio and dataset packages.
+Shards are read by `shard_builder.reader`, the trainer's reader too. Only the standard
+library, numpy, tqdm and `shard_builder`'s contract and reader are imported, so the trainer can
+run the fast check at start-up without the builder's audio and dataset packages.
 docs/checking.md lists what each mode catches.
 """
 
@@ -23,7 +24,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from shard_builder import storage
 from shard_builder.contract import (
     MANIFEST_NAME,
     MAX_TARGET_POSITIONS,
     MEL_MEMBER,
-    MEMBERS,
     META_MEMBER,
     REJECTS_NAME,
     REQUIRED_META_FIELDS,
@@ -45,13 +45,18 @@ from shard_builder.contract import (
     ContractError,
     load_manifest,
     max_frames_of,
-    npy_from_bytes,
     sample_key,
+)
+from shard_builder.reader import (
+    Member,
+    TarDamage,
+    group_samples,
+    npy_array,
+    read_members,
+    tar_members,
 )
 from shard_builder.writer import file_sha256
 
-BLOCK = 512  # tar block size: headers and member data are aligned to it
-ZERO_BLOCK = bytes(BLOCK)
 # Whisper puts <|0.00|> .. <|30.00|> (1501 ids) right after <|notimestamps|>, the highest prefix
 # id; the tokenizer's len() may not count them, the model's embedding table always does.
 NUM_TIMESTAMP_TOKENS = 1501
@@ -127,94 +132,6 @@ class Report:
         return "\n".join(lines)
 
 
-# --- reading a tar without trusting it --------------------------------------------------------
-
-
-class TarDamage(ValueError):
-    """The tar's structure is broken: where and how."""
-
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    offset: int  # of the member's data in the file
-    size: int
-
-
-def tar_members(path: Path) -> list[Member]:
-    """Walk every header of a USTAR tar, as the shard writer makes them, down to its end marker.
-
-    Unlike `tarfile`, a file that stops early is an error here: readers stop silently at a cut
-    between members, and seek past the end of a member whose data was cut.
-    """
-    file_size = path.stat().st_size
-    members, offset = [], 0
-    with open(path, "rb") as handle:
-        while True:
-            handle.seek(offset)
-            header = handle.read(BLOCK)
-            if not header:
-                raise TarDamage(
-                    f"ends at byte {offset} after {len(members)} members without the tar's "
-                    "end marker (cut between members?)"
-                )
-            if len(header) < BLOCK:
-                raise TarDamage(f"cut inside a tar header at byte {offset}")
-            if header == ZERO_BLOCK:
-                return members
-            member = parse_header(header, offset)
-            if member.offset + member.size > file_size:
-                raise TarDamage(
-                    f"member {member.name} is cut: its data needs bytes up to "
-                    f"{member.offset + member.size}, the file ends at {file_size}"
-                )
-            members.append(member)
-            offset = member.offset + -(-member.size // BLOCK) * BLOCK
-
-
-def parse_header(header: bytes, offset: int) -> Member:
-    try:
-        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-    except tarfile.HeaderError as error:
-        raise TarDamage(f"bad tar header at byte {offset} ({error})") from None
-    if not info.isreg():
-        raise TarDamage(f"member {info.name} at byte {offset} is not a regular file")
-    return Member(info.name, offset + BLOCK, info.size)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """`dir/KEY.mel.npy` -> (`dir/KEY`, `mel.npy`): webdataset's rule, the first dot of the
-    base name starts the suffix."""
-    folder, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), suffix
-
-
-def group_samples(members: list[Member]) -> tuple[list[tuple[str, dict[str, Member]]], list[str]]:
-    """Members in tar order -> samples (consecutive members sharing a key), and what is wrong."""
-    samples: list[tuple[str, dict[str, Member]]] = []
-    problems, seen = [], set()
-    for member in members:
-        key, suffix = split_member_name(member.name)
-        if samples and samples[-1][0] == key:
-            if suffix in samples[-1][1]:
-                problems.append(f"duplicate key {key}: member {suffix} appears twice")
-            samples[-1][1][suffix] = member
-            continue
-        if key in seen:
-            problems.append(f"duplicate key {key} within the shard")
-        seen.add(key)
-        samples.append((key, {suffix: member}))
-    for key, parts in samples:
-        missing = [m for m in MEMBERS if m not in parts]
-        extra = sorted(set(parts) - set(MEMBERS))
-        if missing:
-            problems.append(f"sample {key} has no {', '.join(missing)} member")
-        if extra:
-            problems.append(f"sample {key} has unexpected member(s) {', '.join(extra)}")
-    return samples, problems
-
-
 # --- one shard (runs in a worker process) -------------------------------------------------------
 
 
@@ -253,7 +170,8 @@ def check_shard(job: ShardJob) -> ShardResult:
         return ShardResult(name, ["not listed in the manifest (left over from another build?)"], [])
     problems = file_problems(job.path, job.expected, job.verify_sha256)
     try:
-        members = tar_members(job.path)
+        with open(job.path, "rb") as handle:
+            members = tar_members(handle)
     except TarDamage as damage:
         return ShardResult(name, [*problems, str(damage)], [])
     samples, structure = group_samples(members)
@@ -293,10 +211,7 @@ def deep_problems(
     problems = []
     with open(path, "rb") as handle:
         for key, parts in samples:
-            data = {}
-            for suffix, member in parts.items():
-                handle.seek(member.offset)
-                data[suffix] = handle.read(member.size)
+            data = read_members(handle, parts, parts)
             problems += [f"sample {key}: {p}" for p in sample_problems(key, data, rules)]
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
                 break  # the cap hides the rest anyway; stop decoding a hopeless shard
@@ -316,7 +231,7 @@ def sample_problems(key: str, data: dict[str, bytes], rules: SampleRules) -> lis
 
 def load_npy(data: bytes, member: str) -> tuple[np.ndarray | None, list[str]]:
     try:
-        return npy_from_bytes(data), []
+        return npy_array(data), []
     except Exception as error:  # any decoding failure means the member is unreadable
         return None, [f"{member} is not a readable .npy ({type(error).__name__}: {error})"]
 
@@ -387,16 +302,21 @@ def check_split(
     workers: int = 1,
     progress: bool = True,
     sha256: bool = True,
+    name: str | None = None,
+    shown_as: str | None = None,
 ) -> Report:
     """Check one split folder (holding manifest.json) against its manifest.
+
+    `name` and `shown_as` name the split and its location in the report when the folder is a
+    local mirror of a URL.
 
     `sha256=False` skips hashing (the one step that reads every byte in the fast check): sizes,
     tar headers and counts still catch truncation and missing or extra shards, but not a
     changed byte inside member data.
     """
     split_dir = Path(split_dir)
-    split = split_dir.name
-    report = Report(deep, [SplitSummary(split, str(split_dir))])
+    split = name or split_dir.name
+    report = Report(deep, [SplitSummary(split, shown_as or str(split_dir))])
     try:
         manifest = load_manifest(split_dir)
         manifest_problems = count_problems(manifest)
@@ -580,6 +500,45 @@ def check_folder(
     return report
 
 
+def check_location(
+    location: str,
+    deep: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    sha256: bool = True,
+    cache_dir: str | None = None,
+) -> Report:
+    """A local folder as `check_folder`; a URL's splits are fetched into the local cache
+    (every shard verified against the manifest's sha256 on the way) and then checked there."""
+    if not storage.is_url(location):
+        return check_folder(storage.local_path(location), deep, workers, progress, sha256)
+    report = Report(deep)
+    label = location.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        split_urls = storage.find_split_urls(location)
+    except OSError as error:
+        report.problems.append(Problem(label, "split", f"cannot read {location}: {error}"))
+        return report
+    if not split_urls:
+        report.problems.append(
+            Problem(label, "split", f"no {MANIFEST_NAME} at {location} or in its subfolders")
+        )
+    for url in split_urls:
+        split = url.rsplit("/", 1)[-1]
+        try:
+            mirror = storage.local_split(url, cache_dir, progress)
+        except (ContractError, OSError) as error:
+            report.splits.append(SplitSummary(split, url))
+            report.problems.append(Problem(split, "fetch", str(error)))
+            continue
+        report.extend(check_split(mirror, deep, workers, progress, sha256, split, url))
+        for name in storage.unlisted_shards(url, load_manifest(mirror)):
+            report.problems.append(
+                Problem(split, name, "not listed in the manifest (left over from another build?)")
+            )
+    return report
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
@@ -597,8 +556,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "folders",
         nargs="+",
-        type=Path,
-        help="a split folder (holding manifest.json) or a folder of split folders",
+        help="a split folder (holding manifest.json) or a folder of split folders; either may "
+        "be a URL (s3://, gs://, hf://, https://), fetched into --shard-cache and checked there",
+    )
+    parser.add_argument(
+        "--shard-cache",
+        default=None,
+        help="local folder for splits read from a URL (default: $SHARD_CACHE_DIR, else "
+        "~/.cache/whisper-german-trainer/shards)",
     )
     parser.add_argument(
         "--deep",
@@ -627,7 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.deep)
     for folder in args.folders:
         report.extend(
-            check_folder(folder, args.deep, args.workers, not args.no_progress, not args.no_sha256)
+            check_location(
+                folder,
+                args.deep,
+                args.workers,
+                not args.no_progress,
+                not args.no_sha256,
+                args.shard_cache,
+            )
         )
     print(report.text())
     if args.json:

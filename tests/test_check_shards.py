@@ -24,10 +24,10 @@ from shard_builder.check import (
     check_folder,
     check_split,
     file_sha256,
-    tar_members,
     token_id_limit,
 )
 from shard_builder.contract import MANIFEST_NAME, REJECTS_NAME, npy_bytes, npy_from_bytes
+from shard_builder.reader import tar_members
 from tests.conftest import REPO
 
 Sample = tuple[str, dict[str, bytes]]
@@ -59,7 +59,8 @@ def write_manifest(split_dir: Path, manifest: dict) -> None:
 
 def member_offsets(shard: Path):
     """(header offset, data offset, size) of every member."""
-    return [(m.offset - 512, m.offset, m.size) for m in tar_members(shard)]
+    with open(shard, "rb") as handle:
+        return [(m.offset - 512, m.offset, m.size) for m in tar_members(handle)]
 
 
 def truncate(shard: Path, size: int) -> None:

@@ -30,6 +30,7 @@ from shard_builder.contract import (
     npy_bytes,
     tokenizer_fingerprint,
 )
+from shard_builder.reader import npy_array, tar_members
 from shard_builder.writer import ShardWriter
 from trainer import sampling
 from trainer.data import (
@@ -39,9 +40,7 @@ from trainer.data import (
     check_split,
     collate,
     eval_batches,
-    iter_shard_samples,
-    iter_tar_members,
-    npy_view,
+    iter_span_samples,
     pad_features_to_full,
 )
 
@@ -362,8 +361,8 @@ def test_config_names_the_split_folders():
         np.zeros((0, 5), np.float32),
     ],
 )
-def test_npy_view_decodes_like_np_load(array):
-    decoded = npy_view(npy_bytes(array))
+def test_npy_array_decodes_like_np_load(array):
+    decoded = npy_array(npy_bytes(array))
     assert decoded.dtype == array.dtype and decoded.shape == array.shape
     assert np.array_equal(decoded, array)
 
@@ -372,17 +371,17 @@ def test_a_flipped_bit_in_a_tar_header_is_refused(uneven_split, tmp_path):
     broken = tmp_path / "broken.tar"
     source = uneven_split / "shard-000000.tar"
     with open(source, "rb") as handle:
-        fourth_member_data = list(iter_tar_members(handle))[3][1]
+        fourth_member_data = tar_members(handle)[3].offset
     data = bytearray(source.read_bytes())
     data[fourth_member_data - 512 + 130] ^= 0x01  # in the size field of sample 1's first header
     broken.write_bytes(bytes(data))
     with pytest.raises(ContractError, match="checksum"):
-        list(iter_shard_samples(broken, 0, 7))
+        list(iter_span_samples(tmp_path, ["broken.tar"], [sampling.Span(0, 0, 7)]))
 
 
 def test_a_shard_shorter_than_its_manifest_is_refused(uneven_split):
     with pytest.raises(ContractError, match="fewer than"):
-        list(iter_shard_samples(uneven_split / "shard-000000.tar", 5, 9))
+        list(iter_span_samples(uneven_split, ["shard-000000.tar"], [sampling.Span(0, 5, 9)]))
 
 
 # --- padding helpers ---------------------------------------------------------------------------

@@ -13,14 +13,14 @@ rebuilds only the buffer it stopped in, so a resume never re-reads the epoch fro
 The position is valid for the same shards, world size, num_workers, batch size, bucket buffer
 and seed: `TrainData.order_signature()` names them for the checkpoint.
 
-Only torch, numpy, the standard library and `shard_builder.contract` are imported: the GPU
+Shards are read through `shard_builder.reader`, the checker's reader too. Only torch, numpy, the
+standard library and `shard_builder`'s contract, reader and storage are imported: the GPU
 machine has no audio or dataset libraries.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count, islice
@@ -31,16 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shard_builder import contract
+from shard_builder import contract, reader, storage
 from trainer import sampling
 
 IGNORE_INDEX = -100  # label padding the loss ignores (HF's convention)
-TAR_BLOCK = 512
-NPY_HEADER = re.compile(
-    rb"\x93NUMPY\x01\x00..\{'descr': '(?P<descr>[<>|][a-z][0-9]+)', 'fortran_order': False, "
-    rb"'shape': \((?P<shape>[0-9, ]*)\), \} *\n",
-    re.DOTALL,
-)
 
 
 def _help(text: str, **kwargs):
@@ -50,7 +44,15 @@ def _help(text: str, **kwargs):
 @dataclass
 class DataConfig:
     shards: str = _help(
-        "folder holding one subfolder per split, as the builder wrote it", default=""
+        "folder holding one subfolder per split, as the builder wrote it, or such a folder at "
+        "a URL (s3://, gs://, hf://, https://; mirrored into shard_cache, see "
+        "shard_builder/storage.py)",
+        default="",
+    )
+    shard_cache: str = _help(
+        "local folder for shards read from a URL (default: $SHARD_CACHE_DIR, else "
+        "~/.cache/whisper-german-trainer/shards); a local --shards is read in place",
+        default="",
     )
     train_split: str = _help("split to train on (a subfolder of `shards`)", default="train")
     eval_split: str = _help("split to evaluate on (a subfolder of `shards`)", default="test")
@@ -93,11 +95,16 @@ class DataConfig:
         default_factory=lambda: [0.1, 1.0],
     )
 
-    def train_dir(self) -> Path:
-        return Path(self.shards) / self.train_split
+    def train_dir(self) -> str | Path:
+        """The train split's location: a local folder, or a URL for `local_split_dir`."""
+        return storage.join(self.shards, self.train_split)
 
-    def eval_dir(self) -> Path:
-        return Path(self.shards) / self.eval_split
+    def eval_dir(self) -> str | Path:
+        return storage.join(self.shards, self.eval_split)
+
+    def local_split_dir(self, location: str | Path, progress: bool = True) -> Path:
+        """A local folder holding the split: `location` itself, or its verified mirror."""
+        return storage.local_split(location, self.shard_cache or None, progress)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.bucket_buffer < 1:
@@ -190,93 +197,43 @@ def check_split(
 # --- reading samples out of tar shards ---------------------------------------------------------
 
 
-def iter_tar_members(handle) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each member, reading only the 512-byte headers."""
-    offset = 0
-    while True:
-        handle.seek(offset)
-        header = handle.read(TAR_BLOCK)
-        if not header or header.count(0) == TAR_BLOCK:
-            return  # end of archive
-        name, size = parse_tar_header(header, handle.name, offset)
-        yield name, offset + TAR_BLOCK, size
-        offset += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Iterator[dict]:
+    """Decoded samples of `spans`, in their order: stored, or the epoch's in-shard shuffle.
 
-
-def parse_tar_header(header: bytes, path: str, offset: int) -> tuple[str, int]:
-    """Name and size of a regular-file ustar header, checksum verified.
-
-    tarfile.TarInfo.frombuf parses every field and cost a quarter of the loader's time; the
-    builder writes plain ustar members, so only these fields matter.
+    Each shard's header index is read once (512 bytes per member), then samples by offset, so
+    neither a shuffle nor a resume reads a sample it does not yield.
     """
-    if len(header) < TAR_BLOCK:
-        raise contract.ContractError(f"{path}: cut inside a tar header at byte {offset}")
-    stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-    if stored != sum(header) - sum(header[148:156]) + 8 * 32:
-        raise contract.ContractError(f"{path}: bad tar header checksum at byte {offset}")
-    if header[156:157] not in (b"0", b"\0"):
-        raise contract.ContractError(f"{path}: member at byte {offset} is not a regular file")
-    name = header[:100].split(b"\0", 1)[0].decode()
-    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-    if prefix:
-        name = f"{prefix.decode()}/{name}"
-    return name, int(header[124:136].strip(b"\0 ") or b"0", 8)
+    with reader.ShardReader(split_dir, shard_names, keep_open=1) as shards:
+        for span in spans:
+            check_sample_count(split_dir / shard_names[span.shard], shards.index(span.shard), span)
+            if span.order_key is None:
+                positions = range(span.start, span.stop)
+            else:
+                order = sampling.shard_sample_order(span.shard_size, span.order_key)
+                positions = order[span.start : span.stop]
+            for position in positions:
+                yield decode_sample(*shards.read(span.shard, int(position)))
 
 
-def iter_shard_samples(path: Path, start: int, stop: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of samples [start, stop) of one shard; earlier samples' data is not read."""
-    with open(path, "rb") as handle:
-        index, key, members = -1, None, {}
-        for name, offset, size in iter_tar_members(handle):
-            member_key, _, suffix = name.partition(".")
-            if member_key != key:
-                if key is not None and index >= start:
-                    yield key, members
-                index, key, members = index + 1, member_key, {}
-                if index >= stop:
-                    return
-            if index >= start:
-                handle.seek(offset)
-                members[suffix] = handle.read(size)
-        if key is not None and start <= index < stop:
-            yield key, members
-        if index + 1 < stop:
-            raise contract.ContractError(
-                f"{path} holds {index + 1} samples, fewer than the {stop} the manifest promises"
-            )
+def iter_split_samples(split_dir: str | Path) -> Iterator[dict]:
+    """Every sample of a split, in stored order (for tools; training reads planned spans)."""
+    sizes, names = shard_sizes_and_names(contract.load_manifest(split_dir))
+    spans = [sampling.Span(i, 0, size, shard_size=size) for i, size in enumerate(sizes)]
+    yield from iter_span_samples(Path(split_dir), names, spans)
 
 
-def index_shard(handle) -> list[tuple[str, list[tuple[str, int, int]]]]:
-    """(key, [(suffix, offset, size), ...]) of every sample, in stored order, headers only."""
-    samples: list[tuple[str, list[tuple[str, int, int]]]] = []
-    for name, offset, size in iter_tar_members(handle):
-        key, _, suffix = name.partition(".")
-        if not samples or samples[-1][0] != key:
-            samples.append((key, []))
-        samples[-1][1].append((suffix, offset, size))
-    return samples
-
-
-def iter_shuffled_shard_samples(path: Path, span: sampling.Span) -> Iterator[tuple[str, dict]]:
-    """(key, members) at positions [start, stop) of the shard's order for this epoch.
-
-    The header index costs a read of 512 bytes per member; the samples are then read by offset,
-    so the shuffle needs no more memory than one sample.
-    """
-    with open(path, "rb") as handle:
-        index = index_shard(handle)
-        if len(index) != span.shard_size:
-            raise contract.ContractError(
-                f"{path} holds {len(index)} samples, not the {span.shard_size} the manifest records"
-            )
-        order = sampling.shard_sample_order(span.shard_size, span.order_key)
-        for stored in order[span.start : span.stop]:
-            key, members = index[stored]
-            data = {}
-            for suffix, offset, size in members:
-                handle.seek(offset)
-                data[suffix] = handle.read(size)
-            yield key, data
+def check_sample_count(path: Path, index: list, span: sampling.Span) -> None:
+    """A shard holding other than the manifest's count would shift every position after it."""
+    expected = span.shard_size or span.stop
+    if len(index) < expected:
+        relation = "fewer than"
+    elif span.shard_size and len(index) != span.shard_size:
+        relation = "more than"
+    else:
+        return
+    raise contract.ContractError(
+        f"{path} holds {len(index)} samples, {relation} the {expected} the manifest records"
+    )
 
 
 def decode_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
@@ -286,37 +243,13 @@ def decode_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
     meta = json.loads(members[contract.META_MEMBER])
     return {
         "key": key,
-        "features": npy_view(members[contract.MEL_MEMBER]),
-        "tokens": npy_view(members[contract.TOKENS_MEMBER]),
+        "features": reader.npy_array(members[contract.MEL_MEMBER]),
+        "tokens": reader.npy_array(members[contract.TOKENS_MEMBER]),
         "pad_value": float(meta["pad_value"]),
         "text": meta["text"],
         "source": meta["source"],
         "duration": float(meta["duration"]),
     }
-
-
-def npy_view(data: bytes) -> np.ndarray:
-    """A read-only array over .npy bytes, without np.load's header evaluation.
-
-    np.load parses each header with ast (half of the decode time); the builder writes C-order
-    arrays with simple headers, anything else takes the general path.
-    """
-    match = NPY_HEADER.match(data)
-    if match is None or match.end() != 10 + int.from_bytes(data[8:10], "little"):
-        return contract.npy_from_bytes(data)
-    shape = tuple(int(n) for n in match["shape"].split(b",") if n.strip())
-    return np.frombuffer(data, np.dtype(match["descr"].decode()), offset=match.end()).reshape(shape)
-
-
-def iter_span_samples(split_dir: Path, shard_names: Sequence[str], spans) -> Iterator[dict]:
-    for span in spans:
-        path = split_dir / shard_names[span.shard]
-        if span.order_key is None:
-            members_of_span = iter_shard_samples(path, span.start, span.stop)
-        else:
-            members_of_span = iter_shuffled_shard_samples(path, span)
-        for key, members in members_of_span:
-            yield decode_sample(key, members)
 
 
 # --- batches -----------------------------------------------------------------------------------

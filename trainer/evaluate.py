@@ -28,16 +28,22 @@ from typing import Any
 
 import torch
 
-from shard_builder import contract
+from shard_builder import contract, storage
+from shard_builder.reader import ShardReader
 from trainer import distributed
-from trainer.data import DataConfig, check_split, eval_batches, pad_features_to_full
+from trainer.data import (
+    DataConfig,
+    check_split,
+    decode_sample,
+    eval_batches,
+    pad_features_to_full,
+)
 from trainer.distributed import Dist
 from trainer.longform import match_starts, segments_from_ids, start_error_summary
 from trainer.metrics import format_report, utterance_wer, wer_report
 from trainer.model import window_frames
 from trainer.packing import (
     PackingLimits,
-    ShardReader,
     WindowChoices,
     WindowTargets,
     build_length_index,
@@ -335,7 +341,7 @@ def evaluate_packed(
             built = []
             for number in numbers:
                 placed = windows[number]
-                samples = [reader.read(p.shard, p.index) for p in placed]
+                samples = [decode_sample(*reader.read(p.shard, p.index)) for p in placed]
                 built.append(build_window(samples, placed, targets, WindowChoices(True, False)))
             batch = collate_windows(built)
             features = window_features_to_full(
@@ -413,7 +419,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "split of shards; orthographic and normalised, per source.",
     )
     parser.add_argument("--model", required=True, help="Whisper folder, hub id, or CT2 folder")
-    parser.add_argument("--shards", required=True, help="one split's folder, e.g. SHARDS/test")
+    parser.add_argument(
+        "--shards",
+        required=True,
+        help="one split's folder, e.g. SHARDS/test, or its URL (s3://, gs://, hf://, https://)",
+    )
+    parser.add_argument(
+        "--shard-cache",
+        default=None,
+        help="local folder for a split read from a URL (default: $SHARD_CACHE_DIR, else "
+        "~/.cache/whisper-german-trainer/shards)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per decoding batch")
     parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
@@ -482,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         decoder, n_mels, fingerprint = load_decoder(args, info)
         try:
-            check_split(args.shards, n_mels, fingerprint, decoder.window_frames)
-        except ValueError as error:
+            split_dir = storage.local_split(args.shards, args.shard_cache, info.is_main)
+            check_split(split_dir, n_mels, fingerprint, decoder.window_frames)
+        except (ValueError, storage.ShardFetchError) as error:
             distributed.print0(info, f"error: {error}")
             return 2
         data_config = DataConfig(
@@ -494,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         report, utterances = evaluate_split(
             decoder,
-            args.shards,
+            split_dir,
             data_config,
             info,
             args.batch_size,
@@ -506,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.packed:
             packed, windows = evaluate_packed(
                 decoder,
-                args.shards,
+                split_dir,
                 info,
                 args.batch_size,
                 args.max_new_tokens,

@@ -23,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shard_builder import contract
+from shard_builder.storage import ShardFetchError
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.config import TrainConfig, write_config
@@ -87,7 +88,8 @@ class Run:
 def main(config: TrainConfig) -> int:
     try:
         run = setup(config)
-    except ValueError as error:  # shards that do not fit, a resume that cannot be exact, ...
+    except (ValueError, ShardFetchError) as error:  # shards that do not fit or cannot be
+        # fetched, a resume that cannot be exact, ...
         print(f"error: {error}", flush=True)
         distributed.cleanup_distributed()
         return 2
@@ -114,15 +116,17 @@ def setup(config: TrainConfig) -> Run:
     model, processor = load_model(config.model)
     tokenizer = processor.tokenizer
     fingerprint = contract.tokenizer_fingerprint(tokenizer.get_vocab())
-    shards = Path(config.data.shards)
+    # Shards at a URL are fetched into the local cache first (one download per machine).
+    fetch_progress = info.is_main and config.log.progress
+    train_dir = config.data.local_split_dir(config.data.train_dir(), fetch_progress)
+    eval_dir = config.data.local_split_dir(config.data.eval_dir(), fetch_progress)
     # Refuse shards made for another model before any step is taken on them.
     n_mels, frames = model.config.num_mel_bins, window_frames(model.config)
-    check_split(shards / config.data.train_split, n_mels, fingerprint, frames)
-    eval_dir = shards / config.data.eval_split
+    check_split(train_dir, n_mels, fingerprint, frames)
     check_split(eval_dir, n_mels, fingerprint, frames)
 
     precision = resolve_precision(config.optim.precision, info.device)
-    train_data = make_train_data(config, shards, info, tokenizer, frames, model.config)
+    train_data = make_train_data(config, train_dir, info, tokenizer, frames, model.config)
     if config.data.pack and info.is_main:
         logger.info("%s", train_data.describe(0))
     per_epoch = train_data.batches_per_epoch() // config.optim.grad_accum
@@ -215,9 +219,8 @@ def setup(config: TrainConfig) -> Run:
     )
 
 
-def make_train_data(config, shards: Path, info, tokenizer, frames: int, model_config):
+def make_train_data(config, split: Path, info, tokenizer, frames: int, model_config):
     """Samples one by one (TrainData) or packed into full windows (PackedTrainData)."""
-    split = shards / config.data.train_split
     if not config.data.pack:
         return TrainData(split, config.data, info.rank, info.world_size)
     targets = WindowTargets(

@@ -50,14 +50,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_builder import contract
+from shard_builder.reader import ShardReader, index_samples, npy_array, npy_shape_at
 from trainer import sampling
 from trainer.data import (
     IGNORE_INDEX,
-    NPY_HEADER,
     decode_sample,
-    index_shard,
     make_loader,
-    npy_view,
     shard_sizes_and_names,
 )
 
@@ -90,38 +88,13 @@ class LengthIndex:
         return sum(len(f) for f in self.frames)
 
 
-def npy_shape_at(handle, offset: int) -> tuple[int, ...]:
-    """The shape in the .npy header stored at `offset`.
-
-    The builder's simple headers take the loader's regular expression; numpy's own parser
-    (ast-based, two thirds of the indexing time) reads anything else.
-    """
-    handle.seek(offset)
-    start = handle.read(10)
-    header = start + handle.read(int.from_bytes(start[8:10], "little"))
-    match = NPY_HEADER.match(header)
-    if match is not None and match.end() == len(header):
-        return tuple(int(n) for n in match["shape"].split(b",") if n.strip())
-    handle.seek(offset)
-    version = np.lib.format.read_magic(handle)
-    read_header = (
-        np.lib.format.read_array_header_1_0
-        if version == (1, 0)
-        else np.lib.format.read_array_header_2_0
-    )
-    return read_header(handle)[0]
-
-
 def shard_lengths(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(frames, text tokens) of each sample of one shard, in stored order, headers only."""
     frames, texts = [], []
     with open(path, "rb") as handle:
-        for key, members in index_shard(handle):
-            offsets = {suffix: offset for suffix, offset, _ in members}
-            if contract.MEL_MEMBER not in offsets or contract.TOKENS_MEMBER not in offsets:
-                raise contract.ContractError(f"{path}: sample {key} lacks its mel or tokens")
-            frames.append(npy_shape_at(handle, offsets[contract.MEL_MEMBER])[-1])
-            (length,) = npy_shape_at(handle, offsets[contract.TOKENS_MEMBER])
+        for _, members in index_samples(handle, path):
+            frames.append(npy_shape_at(handle, members[contract.MEL_MEMBER].offset)[-1])
+            (length,) = npy_shape_at(handle, members[contract.TOKENS_MEMBER].offset)
             texts.append(length - PREFIX_LENGTH - 1)
     return np.asarray(frames, np.int32), np.asarray(texts, np.int32)
 
@@ -287,47 +260,6 @@ def plan_windows(
 
 
 # --- reading and building one window -----------------------------------------------------------
-
-
-class ShardReader:
-    """Samples by (shard, stored index): each shard's header index is read once, a few handles
-    stay open (first-fit windows mix neighbouring shards of the stream)."""
-
-    def __init__(self, split_dir: Path, shard_names: Sequence[str], keep_open: int = 4) -> None:
-        self.split_dir, self.shard_names, self.keep_open = Path(split_dir), shard_names, keep_open
-        self._open: OrderedDict[int, tuple[Any, list]] = OrderedDict()
-
-    def _shard(self, shard: int):
-        if shard in self._open:
-            self._open.move_to_end(shard)
-            return self._open[shard]
-        handle = open(self.split_dir / self.shard_names[shard], "rb")  # noqa: SIM115
-        self._open[shard] = (handle, index_shard(handle))
-        if len(self._open) > self.keep_open:
-            _, (old_handle, _) = self._open.popitem(last=False)
-            old_handle.close()
-        return self._open[shard]
-
-    def read(self, shard: int, index: int, suffixes: Sequence[str] = contract.MEMBERS) -> dict:
-        handle, samples = self._shard(shard)
-        if index >= len(samples):
-            raise contract.ContractError(
-                f"{self.shard_names[shard]} holds {len(samples)} samples, no sample {index}"
-            )
-        key, members = samples[index]
-        data = {}
-        for suffix, offset, size in members:
-            if suffix in suffixes:
-                handle.seek(offset)
-                data[suffix] = handle.read(size)
-        if tuple(suffixes) != contract.MEMBERS:
-            return {"key": key, **data}
-        return decode_sample(key, data)
-
-    def close(self) -> None:
-        for handle, _ in self._open.values():
-            handle.close()
-        self._open.clear()
 
 
 class WindowTargets:
@@ -550,7 +482,7 @@ def window_batches(
         built = []
         for number in range(low, high):
             placed = windows[number]
-            samples = [reader.read(p.shard, p.index) for p in placed]
+            samples = [decode_sample(*reader.read(p.shard, p.index)) for p in placed]
             choices = window_choices(
                 settings.seed,
                 epoch,
@@ -576,8 +508,8 @@ def _window_prompt(reader, windows, number: int, targets: WindowTargets) -> list
         return []
     texts = []
     for p in windows[number]:
-        data = reader.read(p.shard, p.index, (contract.TOKENS_MEMBER,))
-        texts.append(targets.text_ids(npy_view(data[contract.TOKENS_MEMBER]), data["key"]))
+        key, data = reader.read(p.shard, p.index, (contract.TOKENS_MEMBER,))
+        texts.append(targets.text_ids(npy_array(data[contract.TOKENS_MEMBER]), key))
     return prompt_of(texts)
 
 
