@@ -89,3 +89,25 @@ def whisper_base_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"WHISPER_BASE_DIR={value} holds no Whisper model (no config.json)")
     return path
+
+
+@pytest.fixture(scope="session")
+def bucket(demo_shards):
+    """The demo shards at s3://shards/demo/{train,test} on a local moto S3 server:
+    (endpoint URL, boto3 client). The AWS test credentials stay set for the session."""
+    from tests.s3_server import BUCKET, CREDENTIALS, moto_server, s3_client, upload_folder
+
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with moto_server() as endpoint:
+            client = s3_client(endpoint)
+            client.create_bucket(Bucket=BUCKET)
+            upload_folder(client, demo_shards, BUCKET, "demo")
+            yield endpoint, client
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -6,7 +6,6 @@ connections are resumed or fail with a clear error, never with a short epoch.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -18,39 +17,12 @@ from shard_builder import storage
 from shard_builder.check import check_location
 from shard_builder.contract import ContractError, load_manifest
 from tests.conftest import REPO
-from tests.s3_server import (
-    CREDENTIALS,
-    DroppingRelay,
-    client_environment,
-    moto_server,
-    s3_client,
-    upload_folder,
-)
+from tests.s3_server import BUCKET, DroppingRelay, client_environment, upload_folder
 from trainer.data import iter_split_samples
 
-BUCKET = "shards"
 FAST_RETRIES = storage.FetchPolicy(retries=2, backoff_seconds=0.01)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def bucket(demo_shards):
-    """The demo shards uploaded to s3://shards/demo/{train,test} on a moto server."""
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        with moto_server() as endpoint:
-            client = s3_client(endpoint)
-            client.create_bucket(Bucket=BUCKET)
-            upload_folder(client, demo_shards, BUCKET, "demo")
-            yield endpoint, client
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture
