@@ -104,6 +104,15 @@ def local_split(
     return mirror
 
 
+def read_manifest(location: str | Path) -> dict[str, Any]:
+    """A split's manifest, read from its folder or its URL (nothing else is fetched)."""
+    if not is_url(location):
+        return load_manifest(local_path(location))
+    url = str(location).rstrip("/")
+    data = Mirror(url, Path(), FetchPolicy(), progress=False).fetch_small(MANIFEST_NAME, True)
+    return parse_manifest(data, f"{url}/{MANIFEST_NAME}")
+
+
 def find_split_urls(url: str) -> list[str]:
     """`url` when it holds a manifest, else its subfolders that do (stores that can list)."""
     import fsspec

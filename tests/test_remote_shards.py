@@ -6,6 +6,7 @@ connections are resumed or fail with a clear error, never with a short epoch.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -145,3 +146,19 @@ def test_check_shards_cli_takes_a_url(bucket, tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"s3://{BUCKET}/demo/test" in result.stdout and "all shards whole" in result.stdout
+
+
+def test_evaluate_reads_a_split_from_a_bucket(bucket, endpoint, tmp_path):
+    from tests.conftest import TINY_MODEL
+    from trainer import evaluate
+
+    output = tmp_path / "report.json"
+    code = evaluate.main(
+        ["--model", str(TINY_MODEL), "--shards", f"s3://{BUCKET}/demo/test"]
+        + ["--shard-cache", str(tmp_path / "cache"), "--limit", "4", "--batch-size", "4"]
+        + ["--max-new-tokens", "2", "--num-workers", "0", "--device", "cpu", "--worst", "0"]
+        + ["--output", str(output)]
+    )
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["shards"] == f"s3://{BUCKET}/demo/test" and report["num_utterances"] == 4

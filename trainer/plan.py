@@ -31,6 +31,7 @@ loss stay float32), so the saved dtypes are those of the GPU run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -41,6 +42,8 @@ from typing import Any
 
 import torch
 
+from shard_builder import storage
+from shard_builder.contract import ContractError
 from trainer.config import TrainConfig, build_parser, read_environment, resolve_layers
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
 from trainer.optim import autocast, resolve_precision
@@ -222,11 +225,22 @@ def resolve(
         options.train_samples = train_samples
         options.train_samples_source = "--train-samples"
     elif config.data.shards:
-        manifest = config.data.train_dir() / "manifest.json"
-        if manifest.is_file():
-            options.train_samples = int(json.loads(manifest.read_text())["num_samples"])
-            options.train_samples_source = str(manifest)
+        location = config.data.train_dir()
+        manifest = split_manifest(location)
+        if manifest is not None:
+            options.train_samples = int(manifest["num_samples"])
+            options.train_samples_source = f"{location}/manifest.json"
     return config, options
+
+
+def split_manifest(location: str | Path) -> dict[str, Any] | None:
+    """The train split's manifest where there is one (only its sample count is used)."""
+    if storage.is_url(location):
+        with contextlib.suppress(ContractError):
+            return storage.read_manifest(location)
+        return None
+    path = Path(location) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # --- the model, with fake tensors -------------------------------------------------------------
