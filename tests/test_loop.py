@@ -67,6 +67,25 @@ def test_resolution_order_defaults_file_environment_flags(tmp_path):
     assert config.output_dir == "/r/whisper-de" and config.data.shards == "/s"
 
 
+def test_model_flag_and_variable_name_the_model_as_in_the_other_clis():
+    assert load_config(["--model", "m/a", *BASE], environ={}).model.name_or_path == "m/a"
+    assert load_config(["--name-or-path", "m/b", *BASE], environ={}).model.name_or_path == "m/b"
+    assert load_config(BASE, environ={"TRAINER_MODEL": "m/c"}).model.name_or_path == "m/c"
+    flag_wins = load_config(["--model", "m/a", *BASE], environ={"TRAINER_MODEL": "m/c"})
+    assert flag_wins.model.name_or_path == "m/a"
+    agreeing = {"TRAINER_MODEL": "m/c", "TRAINER_MODEL__NAME_OR_PATH": "m/c"}
+    assert load_config(BASE, environ=agreeing).model.name_or_path == "m/c"
+    with pytest.raises(ValueError, match="TRAINER_MODEL='m/c' and TRAINER_NAME_OR_PATH='m/d'"):
+        load_config(BASE, environ={"TRAINER_MODEL": "m/c", "TRAINER_NAME_OR_PATH": "m/d"})
+
+
+def test_model_in_toml_is_a_table_and_the_error_says_how_to_write_it(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "openai/whisper-base"\n')
+    with pytest.raises(ValueError, match=r"\[model\] must be a table; .*\[model\] name_or_path ="):
+        load_config(["--config", str(toml), *BASE], environ={})
+
+
 def test_unknown_settings_are_refused(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("[optim]\nlearning_rate = 1.0\n")
