@@ -1,4 +1,5 @@
-"""The trainer's pieces without processes: configuration layers, targets, loss, schedule, guard."""
+"""The trainer's pieces: configuration layers, targets, loss, schedule, guard (no processes but
+one short run of the entry point, for the warm-up warning)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import tomllib
 import pytest
 import torch
 
-from tests._trainer_run import REPO
+from tests._trainer_run import REPO, run_trainer
 from trainer.config import SECTIONS, TrainConfig, build_parser, load_config
 from trainer.model import decoder_inputs_and_labels, token_loss
-from trainer.optim import OptimConfig, TrainingDiverged, check_overflow, lr_factor
+from trainer.optim import (
+    OptimConfig,
+    TrainingDiverged,
+    check_overflow,
+    lr_factor,
+    warmup_warning,
+)
 
 BASE = ["--shards", "/data/shards", "--output-dir", "runs/x"]
 
@@ -134,6 +141,27 @@ def test_learning_rate_warmup_then_decay():
     assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(500, 10, 100, "constant") == 1.0
+
+
+def test_warmup_that_outlasts_the_run_is_named_with_both_numbers():
+    longer = warmup_warning(500, 100)
+    assert "warm-up (500 optimiser steps) is longer than the run (100 steps)" in longer
+    assert "20% of it" in longer and "--warmup-steps" in longer and "--max-steps" in longer
+    assert "as long as the run (100 steps)" in warmup_warning(100, 100)
+    assert "takes 60% of the run (500 steps)" in warmup_warning(300, 500)
+    # Half the run or less is an ordinary warm-up; none at all needs no warning.
+    assert warmup_warning(250, 500) is None and warmup_warning(500, 10_000) is None
+    assert warmup_warning(0, 10) is None
+
+
+def test_trainer_logs_the_warmup_warning(demo_shards, tmp_path):
+    result = run_trainer(
+        1, demo_shards, tmp_path, "--max-steps", "1", "--warmup-steps", "4", "--eval-limit", "2"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    expected = "WARNING warm-up (4 optimiser steps) is longer than the run (1 steps)"
+    assert expected in result.stdout  # stderr is merged into stdout
+    assert expected in (tmp_path / "training.log").read_text()
 
 
 def test_collapsing_loss_scale_stops_with_a_clear_error():
