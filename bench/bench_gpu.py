@@ -141,7 +141,7 @@ def run_hf(args, device) -> dict:
 def predicted(args) -> dict:
     from trainer import plan
 
-    argv = ["--name-or-path", args.model, "--batch-size", str(args.batch_size)]
+    argv = ["--model", args.model, "--batch-size", str(args.batch_size)]
     argv += ["--grad-accum", "1", "--precision", args.precision, "--world-size", "1"]
     argv += ["--gradient-checkpointing", args.checkpointing, "--max-tokens", str(args.tokens)]
     argv += ["--context-gib", "0", "--bucket-buffer", str(args.batch_size)]

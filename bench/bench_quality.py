@@ -64,7 +64,7 @@ def fine_tune(model: str, shards: Path, folder: Path, steps: int, lr: float, pac
         return folder / "best"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["-m", "trainer", "--config", "config/demo-whisper-base.toml"]
-    command += ["--name-or-path", model, "--shards", str(shards), "--output-dir", str(folder)]
+    command += ["--model", model, "--shards", str(shards), "--output-dir", str(folder)]
     command += ["--freeze-encoder", "false", "--max-steps", str(steps), "--lr", str(lr)]
     command += ["--warmup-steps", "3", "--save-every", "0", "--eval-every", "0"]
     command += ["--progress", "false", "--pack", "true" if pack else "false"]

@@ -33,7 +33,7 @@ step "2/6 prove the shards whole"
 
 step "3/6 train on 2 CPU ranks (gloo)"
 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --nproc_per_node=2 -m trainer \
-    --config "$TRAIN_CONFIG" --name-or-path "$MODEL" --shards "$OUT/shards" \
+    --config "$TRAIN_CONFIG" --model "$MODEL" --shards "$OUT/shards" \
     --output-dir "$OUT/run" ${TRAIN_ARGS:-}
 
 step "4/6 evaluate the best checkpoint on the demo test split"

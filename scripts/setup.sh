@@ -10,5 +10,5 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"$PYTHON" -m pip install --quiet -e ".[builder,export,dev]"
-"$PYTHON" -c "import torch, transformers, webdataset; print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}')"
+"$PYTHON" -m pip install --quiet -e ".[builder,export,remote,dev]"
+"$PYTHON" -c "import torch, transformers; print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}')"

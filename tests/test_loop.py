@@ -1,4 +1,5 @@
-"""The trainer's pieces without processes: configuration layers, targets, loss, schedule, guard."""
+"""The trainer's pieces: configuration layers, targets, loss, schedule, guard (no processes but
+one short run of the entry point, for the warm-up warning)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import tomllib
 import pytest
 import torch
 
-from tests._trainer_run import REPO
+from tests._trainer_run import REPO, run_trainer
 from trainer.config import SECTIONS, TrainConfig, build_parser, load_config
 from trainer.model import decoder_inputs_and_labels, token_loss
-from trainer.optim import OptimConfig, TrainingDiverged, check_overflow, lr_factor
+from trainer.optim import (
+    OptimConfig,
+    TrainingDiverged,
+    check_overflow,
+    lr_factor,
+    warmup_warning,
+)
 
 BASE = ["--shards", "/data/shards", "--output-dir", "runs/x"]
 
@@ -67,6 +74,25 @@ def test_resolution_order_defaults_file_environment_flags(tmp_path):
     assert config.output_dir == "/r/whisper-de" and config.data.shards == "/s"
 
 
+def test_model_flag_and_variable_name_the_model_as_in_the_other_clis():
+    assert load_config(["--model", "m/a", *BASE], environ={}).model.name_or_path == "m/a"
+    assert load_config(["--name-or-path", "m/b", *BASE], environ={}).model.name_or_path == "m/b"
+    assert load_config(BASE, environ={"TRAINER_MODEL": "m/c"}).model.name_or_path == "m/c"
+    flag_wins = load_config(["--model", "m/a", *BASE], environ={"TRAINER_MODEL": "m/c"})
+    assert flag_wins.model.name_or_path == "m/a"
+    agreeing = {"TRAINER_MODEL": "m/c", "TRAINER_MODEL__NAME_OR_PATH": "m/c"}
+    assert load_config(BASE, environ=agreeing).model.name_or_path == "m/c"
+    with pytest.raises(ValueError, match="TRAINER_MODEL='m/c' and TRAINER_NAME_OR_PATH='m/d'"):
+        load_config(BASE, environ={"TRAINER_MODEL": "m/c", "TRAINER_NAME_OR_PATH": "m/d"})
+
+
+def test_model_in_toml_is_a_table_and_the_error_says_how_to_write_it(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "openai/whisper-base"\n')
+    with pytest.raises(ValueError, match=r"\[model\] must be a table; .*\[model\] name_or_path ="):
+        load_config(["--config", str(toml), *BASE], environ={})
+
+
 def test_unknown_settings_are_refused(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("[optim]\nlearning_rate = 1.0\n")
@@ -115,6 +141,27 @@ def test_learning_rate_warmup_then_decay():
     assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(500, 10, 100, "constant") == 1.0
+
+
+def test_warmup_that_outlasts_the_run_is_named_with_both_numbers():
+    longer = warmup_warning(500, 100)
+    assert "warm-up (500 optimiser steps) is longer than the run (100 steps)" in longer
+    assert "20% of it" in longer and "--warmup-steps" in longer and "--max-steps" in longer
+    assert "as long as the run (100 steps)" in warmup_warning(100, 100)
+    assert "takes 60% of the run (500 steps)" in warmup_warning(300, 500)
+    # Half the run or less is an ordinary warm-up; none at all needs no warning.
+    assert warmup_warning(250, 500) is None and warmup_warning(500, 10_000) is None
+    assert warmup_warning(0, 10) is None
+
+
+def test_trainer_logs_the_warmup_warning(demo_shards, tmp_path):
+    result = run_trainer(
+        1, demo_shards, tmp_path, "--max-steps", "1", "--warmup-steps", "4", "--eval-limit", "2"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    expected = "WARNING warm-up (4 optimiser steps) is longer than the run (1 steps)"
+    assert expected in result.stdout  # stderr is merged into stdout
+    assert expected in (tmp_path / "training.log").read_text()
 
 
 def test_collapsing_loss_scale_stops_with_a_clear_error():

@@ -196,7 +196,7 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = trainer_main(
-            ["--dry-run", "--name-or-path", BASE, "--shards", str(shards), "--json"]
+            ["--dry-run", "--model", BASE, "--shards", str(shards), "--json"]
             + ["--gpu", "rtx-3090", "--zero1", "true", "--pack", "true"]
         )
     assert code == 0
@@ -213,5 +213,5 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
 
 
 def test_unknown_model_is_a_clear_error(capsys):
-    assert plan.main(["--name-or-path", "someone/whisper-unknown"]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert plan.main(["--model", "someone/whisper-unknown"]) == 2
+    assert "no config.json for 'someone/whisper-unknown'" in capsys.readouterr().err

@@ -9,7 +9,8 @@ Every field `x` of section `s` can be set as `[s] x = ...` in TOML, as `TRAINER_
 environment and as `--s.x` on the command line. Names that are unique across sections also get
 the short forms `TRAINER_X` and `--x` (so `--shards`, `--batch-size`, `--lr`). Two plain
 variables are read too: RUNS_DIR (where runs go when --output-dir is not given) and SHARDS_DIR
-(the default for --shards). The resolved configuration is written into the run folder.
+(the default for --shards). model.name_or_path has one more name (ALIASES): `--model`, and
+TRAINER_MODEL. The resolved configuration is written into the run folder.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ SECTIONS = {
     "eval": EvalConfig,
     "log": LogConfig,
 }
+
+# Extra names of a field, for the command line and the environment. `--model` is what
+# shard_builder, trainer.evaluate and trainer.export call the same thing. TOML has no aliases:
+# there `model` is the [model] table.
+ALIASES = {"model": "model.name_or_path"}
 
 
 def _help(text: str, **kwargs: Any):
@@ -154,7 +160,9 @@ def apply_toml(config: TrainConfig, path: str | Path) -> None:
     for key, value in table.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"{path}: [{key}] must be a table")
+                aliased = ALIASES.get(key, "").partition(".")[2]
+                hint = f"; write {key}.{aliased} as [{key}] {aliased} = ..." if aliased else ""
+                raise ValueError(f"{path}: [{key}] must be a table{hint}")
             for name, item in value.items():
                 dotted = f"{key}.{name}"
                 if dotted not in settable:
@@ -170,14 +178,35 @@ def apply_toml(config: TrainConfig, path: str | Path) -> None:
         raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
 
 
+def _variable(name: str) -> str:
+    return ENV_PREFIX + name.replace(".", "__").upper()
+
+
 def apply_environment(config: TrainConfig, environ: dict[str, str]) -> None:
     if environ.get("SHARDS_DIR"):
         config.data.shards = environ["SHARDS_DIR"]
     settable = _settable()
     for name, (section, field_name, kind) in settable.items():
-        variable = ENV_PREFIX + name.replace(".", "__").upper()
+        variable = _variable(name)
         if variable in environ:
             _set(config, section, field_name, _convert(environ[variable], kind, variable))
+    for alias, name in ALIASES.items():
+        variable = _variable(alias)
+        if variable in environ:
+            same = [_variable(other) for other, spec in settable.items() if spec == settable[name]]
+            _check_alias_agrees(variable, same, environ)
+            section, field_name, kind = settable[name]
+            _set(config, section, field_name, _convert(environ[variable], kind, variable))
+
+
+def _check_alias_agrees(variable: str, others: list[str], environ: dict[str, str]) -> None:
+    """An alias and a field's own variable that disagree: neither precedence would be obvious."""
+    for other in others:
+        if other in environ and environ[other] != environ[variable]:
+            raise ValueError(
+                f"{variable}={environ[variable]!r} and {other}={environ[other]!r} set the same "
+                "setting to different values: keep one of them"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         short = short_of.get((section, field_name, kind))
         if section is not None and short is not None:
             flags.insert(0, "--" + short.replace("_", "-"))
+        flags[:0] = ["--" + alias.replace("_", "-") for alias, to in ALIASES.items() if to == name]
         parser.add_argument(
             *flags,
             dest=name,

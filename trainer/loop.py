@@ -40,6 +40,7 @@ from trainer.optim import (
     check_overflow,
     make_scaler,
     resolve_precision,
+    warmup_warning,
 )
 from trainer.packing import PackedTrainData, WindowTargets, window_features_to_full
 
@@ -133,6 +134,8 @@ def setup(config: TrainConfig) -> Run:
     if per_epoch < 1 and config.optim.max_steps == 0:
         raise ValueError("an epoch holds fewer batches than grad_accum: set max_steps")
     total_steps = config.optim.max_steps or math.ceil(config.optim.epochs * per_epoch)
+    if info.is_main and (warning := warmup_warning(config.optim.warmup_steps, total_steps)):
+        logger.warning("%s", warning)
 
     state = TrainState()
     latest = ckpt.latest_checkpoint(run_dir) if config.checkpoint.resume else None

@@ -93,6 +93,35 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """What is wrong with a warm-up this long for a run this long, or None when it fits.
+
+    Warm-up at or past the end of the run means the peak lr is never reached (or only at the
+    last step) and the decay never starts. More than half the run still leaves little time at
+    the peak and for the decay: usually --max-steps was lowered for a short run and
+    --warmup-steps kept its default.
+    """
+    if warmup_steps <= 0 or total_steps <= 0 or 2 * warmup_steps <= total_steps:
+        return None
+    steps = f"warm-up ({warmup_steps} optimiser steps)"
+    advice = "lower --warmup-steps or raise --max-steps (or --epochs when max_steps is 0)"
+    if warmup_steps > total_steps:
+        reached = total_steps / warmup_steps
+        return (
+            f"{steps} is longer than the run ({total_steps} steps): the learning rate never "
+            f"reaches --lr (it climbs to {reached:.0%} of it) and never decays; {advice}"
+        )
+    if warmup_steps == total_steps:
+        return (
+            f"{steps} is as long as the run ({total_steps} steps): the learning rate reaches "
+            f"--lr only at the last step and never decays; {advice}"
+        )
+    return (
+        f"{steps} takes {warmup_steps / total_steps:.0%} of the run ({total_steps} steps): the "
+        f"learning rate reaches --lr late and has little time to decay; {advice}"
+    )
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter], config: OptimConfig, device: torch.device, zero1: bool
 ) -> torch.optim.Optimizer:
