@@ -39,15 +39,6 @@ NOT_IMPORTED = {
     "ruff": "a command-line tool (scripts/test.sh runs `python -m ruff`)",
 }
 
-# Declared for code of issue #12 that lands in parallel. Each is excused only while its file is
-# absent; once the file exists it must use the distribution like any other. After the merge these
-# entries are inert and can be deleted.
-LANDING = {
-    "webdataset": "tests/test_webdataset_interop.py",
-    "braceexpand": "tests/test_webdataset_interop.py",
-    "moto": "tests/test_remote_shards.py",
-}
-
 # The modules of trainer/ and shard_builder/ that may import an extra's distributions; every
 # other module of the two packages imports core dependencies only, so that `pip install -e .`
 # trains (and checks shards) without any extra.
@@ -208,11 +199,10 @@ def test_every_imported_distribution_is_declared():
 
 def test_every_declared_distribution_is_used():
     used = {name for use in scan() for name in use.distributions}
-    waiting = {name for name, file in LANDING.items() if not (REPO / file).exists()}
-    unused = declared().keys() - used - NOT_IMPORTED.keys() - waiting
+    unused = declared().keys() - used - NOT_IMPORTED.keys()
     problems = [
         f"{name} is declared in pyproject.toml ({', '.join(sorted(declared()[name]))}) but "
-        + (f"{LANDING[name]} does not use it" if name in LANDING else "nothing imports it")
+        + "nothing imports it"
         + " (drop it, or list it in NOT_IMPORTED with the reason)"
         for name in sorted(unused)
     ]
@@ -220,7 +210,7 @@ def test_every_declared_distribution_is_used():
 
 
 def test_the_explicit_lists_name_declared_distributions_and_real_extras():
-    stale = (NOT_IMPORTED.keys() | LANDING.keys()) - declared().keys()
+    stale = NOT_IMPORTED.keys() - declared().keys()
     assert not stale, f"listed in this test but not declared in pyproject.toml: {sorted(stale)}"
     groups = set().union(*declared().values())
     assert EXTRA_USERS.keys() <= groups, f"no such extra: {EXTRA_USERS.keys() - groups}"
@@ -232,8 +222,6 @@ def test_what_only_the_tests_use_is_in_the_dev_extra():
     for use in scan():
         for name in use.distributions:
             files[name].add(use.file)
-    for name, file in LANDING.items():
-        files[name].add(file)
     misplaced = sorted(
         f"{name} ({', '.join(sorted(declared()[name]))}) is used only by {', '.join(sorted(users))}"
         for name, users in files.items()
