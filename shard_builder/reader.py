@@ -17,6 +17,7 @@ no audio or dataset libraries.
 
 from __future__ import annotations
 
+import functools
 import io
 import tarfile
 from collections import OrderedDict
@@ -139,29 +140,47 @@ def read_members(handle: BinaryIO, members: dict[str, Member], suffixes=MEMBERS)
 # --- .npy ---------------------------------------------------------------------------------------
 
 
-def read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of the .npy header at the handle's position."""
-    version = npy_format.read_magic(handle)
+def npy_header_bytes(read) -> bytes:
+    """The whole .npy header, through `read(n)`: magic, version, length field and text."""
+    start = read(10)
+    if len(start) < 10 or start[:6] != npy_format.MAGIC_PREFIX:
+        raise ValueError("not a .npy member (no numpy magic string)")
+    if start[6] == 1:
+        return start + read(int.from_bytes(start[8:10], "little"))
+    rest = read(2)
+    return start + rest + read(int.from_bytes(start[8:10] + rest, "little"))
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype), parsed by numpy.lib.format.
+
+    numpy evaluates the header text with `ast`, two thirds of a sample's decoding time when
+    done per sample; the builder's headers repeat (one per frame count and token count, a few
+    thousand in all), so each distinct one is parsed once per process.
+    """
+    stream = io.BytesIO(header)
+    version = npy_format.read_magic(stream)
     if version == (1, 0):
-        return npy_format.read_array_header_1_0(handle)
-    return npy_format.read_array_header_2_0(handle)
+        return npy_format.read_array_header_1_0(stream)
+    return npy_format.read_array_header_2_0(stream)
 
 
 def npy_array(data: bytes) -> np.ndarray:
     """A read-only array over the bytes of a .npy member, without copying them."""
     stream = io.BytesIO(data)
-    shape, fortran_order, dtype = read_npy_header(stream)
+    header = npy_header_bytes(stream.read)
+    shape, fortran_order, dtype = parse_npy_header(header)
     if fortran_order or dtype.hasobject:
-        return np.load(stream.__class__(data), allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     count = int(np.prod(shape, dtype=np.int64))
-    array = np.frombuffer(data, dtype, count=count, offset=stream.tell())
-    return array.reshape(shape)
+    return np.frombuffer(data, dtype, count=count, offset=len(header)).reshape(shape)
 
 
 def npy_shape_at(handle: BinaryIO, offset: int) -> tuple[int, ...]:
     """The shape in the .npy header stored at `offset`, reading only the header."""
     handle.seek(offset)
-    return read_npy_header(handle)[0]
+    return parse_npy_header(npy_header_bytes(handle.read))[0]
 
 
 # --- samples by position ------------------------------------------------------------------------
