@@ -20,6 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from trainer import plan
 from trainer.__main__ import run as trainer_main
+from trainer.distributed import Dist
+from trainer.loop import wrap_for_ddp, zero_gradients
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
 
 TINY = str(Path(__file__).resolve().parent.parent / "config" / "models" / "tiny-whisper-de")
@@ -33,14 +35,26 @@ def _real_model(freeze_encoder: bool = False):
     return plan.build_fake_model(config, torch.device("cpu"))
 
 
-def _one_step(model, optimizer) -> None:
-    """One forward, backward and optimiser step on a random batch of the model's shape."""
-    features = torch.randn(2, model.config.num_mel_bins, window_frames(model.config))
-    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
-    inputs, labels = decoder_inputs_and_labels(tokens, model.config.pad_token_id)
+def _backward(model, config) -> None:
+    """One forward and backward on a random batch of the model's shape."""
+    features = torch.randn(2, config.num_mel_bins, window_frames(config))
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    inputs, labels = decoder_inputs_and_labels(tokens, config.pad_token_id)
     logits = model(input_features=features, decoder_input_ids=inputs).logits
     summed, count = token_loss(logits, labels)
     (summed / count).backward()
+
+
+def _one_step(model, optimizer) -> None:
+    _backward(model, model.config)
+    optimizer.step()
+
+
+def _accumulated_step(ddp, optimizer) -> None:
+    """Two micro-batches as the trainer runs them: the first under no_sync, then a step."""
+    with ddp.no_sync():
+        _backward(ddp, ddp.module.config)
+    _backward(ddp, ddp.module.config)
     optimizer.step()
 
 
@@ -64,7 +78,6 @@ def test_model_states_equal_what_a_real_adamw_holds(freeze_encoder):
     assert predicted["weights"] == sum(p.nbytes for p in model.parameters())
     assert predicted["gradients"] == sum(p.grad.nbytes for p in trainable)
     assert predicted["optimizer"] == _state_bytes(optimizer)
-    assert predicted["ddp_buckets"] == 0  # one process: no DDP
     if freeze_encoder:  # the encoder has neither gradients nor AdamW states
         assert all(p.grad is None for p in model.model.encoder.parameters())
         encoder = sum(p.numel() for p in model.model.encoder.parameters())
@@ -82,23 +95,38 @@ def _zero_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None
             optimizer_class=torch.optim.AdamW,
             lr=1e-3,
         )
-        _one_step(model, optimizer)
+        ddp = wrap_for_ddp(model, Dist(rank, world_size, 0, torch.device("cpu")))
+        for _ in range(2):  # the second accumulation starts from gradients zeroed in place
+            _accumulated_step(ddp, optimizer)
+            gradients = [p.grad for p in model.parameters() if p.requires_grad]
+            zero_gradients(optimizer, under_ddp=True)
         held = _state_bytes(optimizer.optim)  # this rank's share of the AdamW state
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"optimizer": held}))
+        storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in gradients}
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps({"optimizer": held, "gradient_storages": list(storages.values())})
+        )
     finally:
         dist.destroy_process_group()
 
 
-def test_zero1_shares_equal_what_zero_redundancy_optimizer_holds_on_two_ranks(tmp_path):
+def test_zero1_and_ddp_hold_what_the_plan_counts_on_two_ranks(tmp_path):
+    """ZeroRedundancyOptimizer's shares equal the plan's; the trainer's DDP keeps the gradients
+    in its all-reduce buckets (a few flat storages, not one per parameter), so the plan counts
+    them once."""
     mp.spawn(_zero_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    held = [json.loads((tmp_path / f"rank{r}.json").read_text())["optimizer"] for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    held = [rank["optimizer"] for rank in ranks]
 
     predicted = plan.model_state_bytes(_real_model(), world_size=2, zero1=True)
     assert predicted["optimizer_per_rank"] == held
     assert predicted["optimizer"] == max(held)
     full = plan.model_state_bytes(_real_model(), world_size=1, zero1=False)["optimizer"]
     assert sum(held) == full  # the shares partition the whole state
-    assert predicted["ddp_buckets"] == predicted["gradients"]  # two ranks: DDP buckets
+    for rank in ranks:
+        storages = rank["gradient_storages"]
+        assert len(storages) <= 4, f"{len(storages)} gradient storages: not bucket views"
+        assert sum(storages) == predicted["gradients"]
+    assert "ddp_buckets" not in predicted
 
 
 def _activations(batch_size: int, checkpointing: bool) -> int:

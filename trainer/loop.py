@@ -160,11 +160,7 @@ def setup(config: TrainConfig) -> Run:
 
     model.to(info.device)
     model.train()
-    ddp = model
-    if info.enabled:
-        ddp = DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
-        )
+    ddp = wrap_for_ddp(model, info) if info.enabled else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(
         trainable, config.optim, info.device, config.optim.zero1 and info.enabled
@@ -220,6 +216,19 @@ def setup(config: TrainConfig) -> Run:
         state,
         hooks,
     )
+
+
+def wrap_for_ddp(model: torch.nn.Module, info) -> DistributedDataParallel:
+    """DDP whose gradients live in its all-reduce buckets instead of beside them: one fp32
+    copy of the gradients per GPU, not two (3 GiB less per GPU for turbo)."""
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def zero_gradients(optimizer, under_ddp: bool) -> None:
+    """Under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay
+    there; set to None, the next accumulation (under no_sync) would allocate a second copy."""
+    optimizer.zero_grad(set_to_none=not under_ddp)
 
 
 def make_train_data(config, split: Path, info, tokenizer, frames: int, model_config):
@@ -340,7 +349,7 @@ def train(run: Run) -> None:
             run.scaler.update()
         elif not found_inf:
             run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        zero_gradients(run.optimizer, under_ddp=run.ddp is not run.model)
         run.scheduler.step()
         state.step += 1
         state.consecutive_skips = state.consecutive_skips + 1 if found_inf else 0

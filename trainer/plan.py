@@ -319,9 +319,9 @@ def model_state_bytes(model, world_size: int, zero1: bool) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in params),
         "trainable_parameters": sum(trainable),
         "weights": sum(p.numel() * p.element_size() for p in params),
+        # One fp32 copy, also under DDP: the trainer's gradients are views into DDP's
+        # all-reduce buckets (loop.wrap_for_ddp, gradient_as_bucket_view).
         "gradients": 4 * sum(trainable),
-        # DDP copies gradients into flat all-reduce buckets (gradient_as_bucket_view is off)
-        "ddp_buckets": 4 * sum(trainable) if world_size > 1 else 0,
         "optimizer_per_rank": optimizer,
         "optimizer": max(optimizer),
     }
@@ -535,11 +535,7 @@ def make_plan(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
 def assemble(config, options, gpu, precision, model, states, measured, tokens) -> dict[str, Any]:
     world, batch, accum = options.world_size, config.data.batch_size, config.optim.grad_accum
     allocated = (
-        states["weights"]
-        + states["gradients"]
-        + states["ddp_buckets"]
-        + states["optimizer"]
-        + measured.activation_peak
+        states["weights"] + states["gradients"] + states["optimizer"] + measured.activation_peak
     )
     fragmentation = options.fragmentation * allocated
     context = options.context_gib * GIB
@@ -584,7 +580,6 @@ def assemble(config, options, gpu, precision, model, states, measured, tokens) -
         "memory_bytes": {
             "weights": states["weights"],
             "gradients": states["gradients"],
-            "ddp_buckets": states["ddp_buckets"],
             "optimizer": states["optimizer"],
             "optimizer_per_rank": states["optimizer_per_rank"],
             "activations_peak": measured.activation_peak,
@@ -749,7 +744,6 @@ def format_plan(plan: dict[str, Any]) -> str:
         "Memory per GPU (the fullest rank):",
         f"  weights (fp32)                   {_gib(m['weights'])}",
         f"  gradients (fp32)                 {_gib(m['gradients'])}",
-        f"  DDP all-reduce buckets           {_gib(m['ddp_buckets'])}",
         f"  AdamW states{' (ZeRO-1 share)   ' if plan['zero1'] else '                   '}  "
         f"{_gib(m['optimizer'])}",
         f"  activations, measured peak       {_gib(m['activations_peak'])}   (kept after the "
