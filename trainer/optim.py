@@ -27,7 +27,7 @@ class OptimConfig:
     max_grad_norm: float = _help(
         "clip the global gradient norm to this (0 = no clipping)", default=1.0
     )
-    grad_accum: int = _help("micro-batches per optimiser step (per device)", default=6)
+    grad_accum: int = _help("micro-batches per optimiser step (per device)", default=12)
     max_steps: int = _help(
         "optimiser steps to train; 0 = derive from `epochs` and the batches per epoch", default=0
     )
@@ -39,8 +39,8 @@ class OptimConfig:
     )
     zero1: bool = _help(
         "shard the AdamW state across ranks (ZeroRedundancyOptimizer): ~8 bytes/parameter "
-        "less per GPU on two ranks",
-        default=False,
+        "less per GPU on two ranks (ignored in a single process)",
+        default=True,
     )
     fused: bool = _help("use the fused AdamW kernel on CUDA", default=True)
     max_consecutive_skips: int = _help(
