@@ -237,7 +237,13 @@ class Mirror:
             # out.tell(): the bytes already kept, where a retry resumes with a range read
             for attempt in self.attempts(f"{self.url}/{name}", out.tell):
                 with attempt:
-                    self.copy_from(name, expected, out, digest, advance)
+                    try:
+                        self.copy_from(name, expected, out, digest, advance)
+                    except FileNotFoundError:
+                        raise ContractError(
+                            f"{self.url}/{name} is listed in the manifest but missing: the "
+                            "upload did not finish, or the split was partly deleted"
+                        ) from None
                     break
             out.flush()
             os.fsync(out.fileno())

@@ -121,6 +121,14 @@ def test_an_object_changed_in_the_bucket_is_refused(demo_shards, bucket, endpoin
         storage.local_split(f"s3://{BUCKET}/changed/test", tmp_path, progress=False)
 
 
+def test_a_shard_missing_from_the_bucket_is_named(demo_shards, bucket, endpoint, tmp_path):
+    client = bucket[1]
+    upload_folder(client, demo_shards / "train", BUCKET, "partial/train")
+    client.delete_object(Bucket=BUCKET, Key="partial/train/shard-000002.tar")
+    with pytest.raises(ContractError, match="shard-000002.tar is listed in the manifest but"):
+        storage.local_split(f"s3://{BUCKET}/partial/train", tmp_path, progress=False)
+
+
 def test_a_url_without_a_manifest_names_the_problem(bucket, endpoint, tmp_path):
     with pytest.raises(ContractError, match="manifest.json does not exist"):
         storage.local_split(f"s3://{BUCKET}/nothing/train", tmp_path, progress=False)
