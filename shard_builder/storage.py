@@ -166,16 +166,22 @@ class Mirror:
     def sync(self) -> None:
         manifest_bytes = self.fetch_small(MANIFEST_NAME, required=True)
         manifest = parse_manifest(manifest_bytes, f"{self.url}/{MANIFEST_NAME}")
-        rejects = self.fetch_small(REJECTS_NAME, required=False)
+        cached = self.folder / MANIFEST_NAME
+        # Unchanged, the mirror is left alone: the other ranks of this machine sync after the
+        # first and must not pull the manifest from under it while it starts training.
+        unchanged = cached.is_file() and cached.read_bytes() == manifest_bytes
+        missing = [s for s in manifest["shards"] if not self.is_cached(s)]
+        if unchanged and not missing:
+            return
         # The manifest goes in place last: a mirror cut short never looks complete.
-        (self.folder / MANIFEST_NAME).unlink(missing_ok=True)
+        cached.unlink(missing_ok=True)
+        rejects = self.fetch_small(REJECTS_NAME, required=False)
         if rejects is not None:
             atomic_write(self.folder / REJECTS_NAME, rejects)
         self.remove_unlisted(manifest)
-        missing = [s for s in manifest["shards"] if not self.is_cached(s)]
         if missing:
             self.fetch_shards(missing)
-        atomic_write(self.folder / MANIFEST_NAME, manifest_bytes)
+        atomic_write(cached, manifest_bytes)
         load_manifest(self.folder)  # the same checks as for a local split
 
     def remote(self, name: str) -> str:

@@ -71,7 +71,11 @@ def test_a_cached_split_is_not_fetched_again(bucket, endpoint, tmp_path, monkeyp
         raise AssertionError("a verified cached shard was fetched again")
 
     monkeypatch.setattr(storage.Mirror, "fetch_shard", refuse)
+    before = (first / "manifest.json").stat()
     assert storage.local_split(url, tmp_path, progress=False) == first
+    # untouched: another rank of the machine may be reading it at that moment
+    after = (first / "manifest.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 def test_a_dropped_connection_is_resumed_and_the_shard_verified(
