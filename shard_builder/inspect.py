@@ -8,7 +8,7 @@ target token counts, with how many rows the builder rejects as `too_long` (its o
 `contract.exceeds_window`, against the model's window). `--json` prints the same as JSON.
 
 Only a sample of rows is read (`--sample-rows`): parquet row groups spread over the split,
-chosen from the footers, so a hub dataset of ~1000 files answers without downloading it. Row
+chosen from the footers, so a hub dataset answers without being downloaded. Row
 counts come from the footers and are exact; per-source counts and histograms are of the sample.
 Durations are read from each clip's header (`soundfile.info`), not by decoding it.
 """
@@ -119,13 +119,6 @@ def read_dataset_split(source, split: str, budget: int, count_tokens) -> SplitFi
                 SampledRow(seconds, samples, row.text, row.source, count_tokens(row.text))
             )
     return figures
-
-
-def open_dataset(target: str, revision: str | None, columns):
-    """The builder's own sources; a hub id is read through HfFileSystem like the builder does."""
-    from shard_builder.source import open_source
-
-    return open_source(target, revision, columns)
 
 
 # --- shards (after the build) -------------------------------------------------------------------
@@ -389,10 +382,11 @@ def inspect(args: argparse.Namespace, source=None) -> dict[str, Any]:
             if not args.splits or figures.split in args.splits:
                 report["splits"][figures.split] = split_report(figures, figures.notes["max_frames"])
     else:
-        from shard_builder.source import Columns
+        from shard_builder.source import Columns, open_source
 
+        # The builder's own sources: a hub id is read through HfFileSystem, as it reads it.
         columns = Columns(args.audio_column, args.text_column, args.source_column)
-        source = source or open_dataset(args.target, args.revision, columns)
+        source = source or open_source(args.target, args.revision, columns)
         report["kind"] = source.identity.get("kind", "dataset")
         splits = args.splits or ["train", "test"]
         for split in splits:  # a missing split fails before the model is loaded

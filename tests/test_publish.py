@@ -1,4 +1,4 @@
-"""trainer.publish and trainer.model_card on a real two-step demo run and its CTranslate2 export.
+"""trainer.publish and trainer.model_card on a real one-step demo run and its CTranslate2 export.
 
 The hub cannot be reached here: the upload is tested against tests/hub_server.py, a local
 stand-in that answers and records the calls huggingface_hub makes (through HF_ENDPOINT), and
