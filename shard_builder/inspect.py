@@ -378,9 +378,10 @@ def inspect(args: argparse.Namespace, source=None) -> dict[str, Any]:
     if source is None and target.is_dir() and _is_shards(target):
         report["kind"] = "shards"
         for split_dir in shard_splits(target):
+            if args.splits and split_dir.name not in args.splits:
+                continue  # the builder names each split's folder after it
             figures = read_shard_split(split_dir, args.sample_rows)
-            if not args.splits or figures.split in args.splits:
-                report["splits"][figures.split] = split_report(figures, figures.notes["max_frames"])
+            report["splits"][figures.split] = split_report(figures, figures.notes["max_frames"])
     else:
         from shard_builder.source import Columns, open_source
 

@@ -145,6 +145,22 @@ def test_hub_code_path_reads_only_footers_and_sampled_row_groups():
     memory.rm(root, recursive=True)
 
 
+def test_a_saved_dataset_gives_the_parquet_folders_figures(tmp_path):
+    import datasets
+
+    files = {"test": str(next((DEMO_CORPUS / "data").glob("test-*")))}
+    dataset = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "c"))
+    dataset.save_to_disk(tmp_path / "saved")  # Audio features: read back without decoding
+    figures = {}
+    for target in (tmp_path / "saved", DEMO_CORPUS):
+        args = parse_args([str(target), "--model", str(TINY_MODEL), "--splits", "test"])
+        figures[target] = inspect(args)["splits"]["test"]
+    saved, parquet = figures[tmp_path / "saved"], figures[DEMO_CORPUS]
+    assert saved["columns"]["transkription"] == "string"
+    for key in ("num_rows", "sources", "duration_seconds", "duration_histogram", "tokens"):
+        assert saved[key] == parquet[key], key
+
+
 def test_sample_ranges_spread_over_the_split():
     groups = [(i * 10, i * 10 + 10) for i in range(10)]
     assert sample_ranges(groups, 1000) == groups

@@ -5,8 +5,9 @@ and a `model-index` with the WER per source and overall, orthographic and normal
 normaliser named in each metric's arguments (a WER means nothing without it: docs/design.md).
 The body repeats the WER table, says how the model was trained (the run's resolved
 configuration, steps, samples, time) and how to use it from transformers, faster-whisper and
-RealtimeSTT. Metadata goes through huggingface_hub's `ModelCardData` / `EvalResult`, and the
-finished card is parsed back with `ModelCard` and compared before anyone uploads it.
+RealtimeSTT. Metadata goes through huggingface_hub's `ModelCardData` / `EvalResult` (its
+`metadata_eval_result` builds the same `model-index` for a single figure; here are 2 per source),
+and the finished card is parsed back with `ModelCard` and compared before anyone uploads it.
 
 Sources, all optional but the model folder itself:
     RUN/config.json                the resolved training configuration (trainer.config)
