@@ -130,6 +130,7 @@ def test_dry_run_writes_cards_that_huggingface_hub_parses(copies, tmp_path):
     assert data.base_model is None  # the run started from a local folder, not a hub id
     text = card.text
     assert "| **all** | 4 |" in text and "in 1 session(s)" in text
+    assert "at step 1 (only the split's first 4 samples: --eval-limit)" in text
     trained = json.loads((run / "config.json").read_text())
     assert '"max_steps": 1' in text  # the resolved configuration, without the machine's paths
     assert trained["output_dir"] not in text and trained["data"]["shards"] not in text

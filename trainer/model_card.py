@@ -112,9 +112,11 @@ def find_eval_report(run: RunFacts, explicit: str | None) -> tuple[dict[str, Any
     path = run.run_dir / "eval" / f"step-{run.state['best_step']}.json"
     if not path.is_file():
         return None
-    return json.loads(
-        path.read_text()
-    ), f"the evaluation during training at step {run.state['best_step']}"
+    origin = f"the evaluation during training at step {run.state['best_step']}"
+    limit = (run.config or {}).get("data", {}).get("eval_limit")
+    if limit:
+        origin += f" (only the split's first {limit} samples: --eval-limit)"
+    return json.loads(path.read_text()), origin
 
 
 def split_manifest(shards: str | None) -> dict[str, Any] | None:
