@@ -34,6 +34,7 @@ from shard_builder.contract import (
     REJECTS_NAME,
     SAMPLING_RATE,
     TOKENS_MEMBER,
+    exceeds_window,
     meta_bytes,
     npy_bytes,
     sample_key,
@@ -105,11 +106,11 @@ def make_sample(row: Row, split: str) -> tuple[str, dict[str, bytes], float]:
     tokens = _worker["encoder"](row.text)
     waveform = decode_audio(row.audio_bytes)
     duration = waveform.size / SAMPLING_RATE
-    max_samples = _worker["extractor"].max_samples
-    if waveform.size > max_samples:
+    extractor = _worker["extractor"]
+    if exceeds_window(waveform.size, extractor.max_frames):
         raise RejectedRow(
             "too_long",
-            f"{duration:.2f} s, the model's window is {max_samples / SAMPLING_RATE:g} s",
+            f"{duration:.2f} s, the model's window is {extractor.max_samples / SAMPLING_RATE:g} s",
         )
     mel = _worker["extractor"](waveform)
     meta = {

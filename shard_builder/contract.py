@@ -1,7 +1,7 @@
 """The shard contract shared by the builder, the checker and the trainer.
 
 Only the standard library and numpy are imported here, so the trainer can read shards without
-pulling in the builder's audio and dataset dependencies. DESIGN.md describes the contract.
+pulling in the builder's audio and dataset dependencies. docs/design.md describes the contract.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ def frames_touching_audio(num_samples: int, max_frames: int = MAX_FRAMES) -> int
     `max_frames` is the model's window (`2 * max_source_positions`), 3000 for released Whispers.
     """
     return min(max_frames, (num_samples + N_FFT // 2 - 1) // HOP_LENGTH + 1)
+
+
+def exceeds_window(num_samples: int, max_frames: int = MAX_FRAMES) -> bool:
+    """The builder's `too_long` rule: a 16 kHz clip longer than the model's window (30 s for
+    released Whispers) cannot be heard whole, so it is rejected rather than cut."""
+    return num_samples > max_frames * HOP_LENGTH
 
 
 def max_frames_of(manifest: dict[str, Any]) -> int:

@@ -4,7 +4,7 @@ Padding a clip to the model's window (30 s for every released Whisper) happens o
 before the STFT, so every frame past the audio holds one value per clip
 (`contract.pad_value_for`). Storing only the frames before that value begins, plus the value
 itself, reproduces `WhisperFeatureExtractor` exactly once the trainer pads back to the window's
-frames (3000), at a fraction of the bytes and compute (DESIGN.md).
+frames (3000), at a fraction of the bytes and compute (docs/design.md).
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ class ParquetSource:
         self.identity = identity
         self.columns = columns
         self._files: dict[str, list[tuple[str, int]]] = {}
+        self._footers: dict[str, pq.FileMetaData] = {}
 
     def files(self, split: str) -> list[tuple[str, int]]:
         """The split's parquet files in name order, each with its row count from the footer."""
@@ -81,13 +82,29 @@ class ParquetSource:
         return self._files[split]
 
     def _metadata(self, path: str) -> pq.FileMetaData:
-        with self.fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).metadata
+        # Kept: on the hub every footer costs a few HTTP range requests.
+        if path not in self._footers:
+            with self.fs.open(path, "rb") as handle:
+                self._footers[path] = pq.ParquetFile(handle).metadata
+        return self._footers[path]
 
     def column_names(self, split: str) -> list[str]:
-        first = self.files(split)[0][0]
-        with self.fs.open(first, "rb") as handle:
-            return list(pq.ParquetFile(handle).schema_arrow.names)
+        return list(self.schema(split).names)
+
+    def schema(self, split: str):
+        """The arrow schema of the split's first file, read from its footer."""
+        return self._metadata(self.files(split)[0][0]).schema.to_arrow_schema()
+
+    def row_groups(self, split: str) -> list[tuple[int, int]]:
+        """`[start, stop)` row ranges of the split's row groups in row order, from the footers."""
+        ranges, offset = [], 0
+        for path, _ in self.files(split):
+            metadata = self._metadata(path)
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                ranges.append((offset, offset + rows))
+                offset += rows
+        return ranges
 
     def num_rows(self, split: str) -> int:
         return sum(count for _, count in self.files(split))
@@ -105,7 +122,7 @@ class ParquetSource:
 
     def _rows_of_file(self, path, offset, start, stop, wanted, has_source) -> Iterator[Row]:
         with self.fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, metadata=self._metadata(path))
             for group in range(parquet.num_row_groups):
                 group_rows = parquet.metadata.row_group(group).num_rows
                 if offset + group_rows > start and offset < stop:
@@ -151,6 +168,9 @@ class SavedDatasetSource:
 
     def column_names(self, split: str) -> list[str]:
         return list(self._split(split).column_names)
+
+    def schema(self, split: str):
+        return self._split(split).features.arrow_schema
 
     def num_rows(self, split: str) -> int:
         return len(self._split(split))

@@ -1,4 +1,4 @@
-"""The builder under faults (DESIGN.md guarantee 1): killed or out of disk space at any point,
+"""The builder under faults (docs/design.md, guarantee 1): killed or out of disk space at any point,
 it never leaves a partial file under a final name, and a rerun gives byte-identical shards that
 pass the checker.
 

@@ -1,4 +1,5 @@
-"""The shard checker names every broken shard and passes an intact folder (DESIGN.md guarantee 3).
+"""The shard checker names every broken shard and passes an intact folder (guarantee 3 of
+docs/design.md).
 
 Faults are injected into copies of real demo shards. Structural faults are made with byte
 surgery; content faults rebuild the shard around one damaged sample and fix up the manifest's

@@ -43,8 +43,14 @@ NOT_IMPORTED = {
 # other module of the two packages imports core dependencies only, so that `pip install -e .`
 # trains (and checks shards) without any extra.
 EXTRA_USERS = {
-    "builder": ("shard_builder/audio.py", "shard_builder/source.py"),
-    "export": ("trainer/export.py", "trainer/ct2_backend.py"),
+    "builder": ("shard_builder/audio.py", "shard_builder/source.py", "shard_builder/inspect.py"),
+    # Publishing ships what the export made: the model card and the upload use huggingface_hub.
+    "export": (
+        "trainer/export.py",
+        "trainer/ct2_backend.py",
+        "trainer/model_card.py",
+        "trainer/publish.py",
+    ),
     # The shard storage layer (landing in parallel) may name the backends it opens.
     "remote": ("shard_builder/storage.py",),
 }

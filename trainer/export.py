@@ -529,10 +529,23 @@ def export(config: ExportConfig) -> ExportReport:
                     f"segment for the {long_form.seconds:.0f} s long-form clip"
                 )
         (staging / "export_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        write_model_card(config.model, staging, out)
         publish(staging, out)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_model_card(model: str, staging: Path, out: Path) -> None:
+    """README.md in the export: the model card of trainer.model_card, from the model's run folder
+    (trainer.publish writes it again with the hub repo names)."""
+    from trainer.model_card import CardError, gather_inputs, make_card, write_card
+
+    try:
+        inputs = gather_inputs(str(out), "ctranslate2", Path(model), ct2_folder=staging)
+        write_card(staging, make_card(inputs))
+    except CardError as error:  # the export itself is sound; only its description is missing
+        print(f"warning: no model card written: {error}", file=sys.stderr)
 
 
 def print_report(report: ExportReport) -> None:

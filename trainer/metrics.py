@@ -1,6 +1,6 @@
 """Metrics: WER/CER (pure functions) and where training metrics go (rank 0 only).
 
-A WER means nothing without its normaliser (DESIGN.md: the same model scored 4.77 % and
+A WER means nothing without its normaliser (docs/design.md: the same model scored 4.77 % and
 2.63 % under two normalisations), so every report carries both the orthographic WER (text as
 written, only surrounding whitespace trimmed) and the normalised one, and names the normaliser.
 jiwer is imported inside the functions: the GPU machines that train do not all have it.
