@@ -3,8 +3,8 @@ the check itself (CI runs `bash bench/gpu_check.sh` in its CPU mode as a step of
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,16 @@ import torch
 from trainer import gpu_sharing, plan
 from trainer.memory_phases import PhasePeaks, read_records
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import gpu_check  # noqa: E402
+
+def _load_script():
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_script()
 
 
 class FakeAllocator:
