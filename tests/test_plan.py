@@ -255,6 +255,7 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
     assert result["train_samples"] == 12345
     assert result["target_tokens"] == 448  # packed: a full window of planned tokens
     assert result["fits"] and result["verdict"]["fits"]
+    assert result["verdict"]["phase"] == result["peak_phase"] in result["phases"]  # named
     memory = result["memory_bytes"]
     assert memory["optimizer"] < plan.adamw_state_bytes([result["trainable_parameters"]])
     assert result["utterances_per_step"] > result["windows_per_step"]  # several per window
