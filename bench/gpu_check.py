@@ -253,37 +253,60 @@ class Check:
 
 
 def sequence(check: Check, cuda: bool, batch: str, summary: dict) -> bool:
-    from trainer import gpu_sharing, memory_phases, plan
+    """Every phase in order; False at the first that fails."""
+    env, model = environment(cuda, summary)
+    shards, run_dir = check.work / "shards", check.work / "run"
+    if not build_shards(check, env, model, shards):
+        return False
+    used = train_kill_resume(check, cuda, env, model, shards, run_dir, batch)
+    if used is False:
+        return False
+    summary["batch_size"] = used
+    summary["trainer_throughput"] = trainer_throughput(run_dir)
+    predicted = planned(check, cuda, env, model, shards, str(used or batch), summary)
+    if predicted is None or not memory_beside_plan(check, cuda, run_dir, predicted, summary):
+        return False
+    return bench(check, cuda, env, model, used or 2, predicted, summary)
 
-    work = check.work
+
+def environment(cuda: bool, summary: dict) -> tuple[dict, Path]:
+    """The phases' environment and the model folder: on CUDA two gloo ranks on one GPU, each
+    held to the planned card; on the CPU the tiny preset."""
+    from trainer import gpu_sharing, plan
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RUNS_DIR", None)
     env.pop("SHARDS_DIR", None)
-    if cuda:
-        import torch
-
-        total = torch.cuda.get_device_properties(0).total_memory
-        card = float(os.environ.get("GPU_CHECK_CARD_GIB", plan.GPUS[PLANNED_GPU].memory_gib))
-        fraction = memory_fraction(total, card, plan.PlanOptions().context_gib)
-        env[gpu_sharing.BACKEND_VARIABLE] = "gloo"
-        env[gpu_sharing.FRACTION_VARIABLE] = f"{fraction:.6f}"
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        env.setdefault("OMP_NUM_THREADS", "4")
-        summary["memory_cap"] = {"card_gib": card, "fraction": fraction, "of_bytes": total}
-        model = turbo_shaped_model(work / "model")
-    else:
+    if not cuda:
         env["OMP_NUM_THREADS"] = "1"
-        model = TINY
-    summary["model"] = str(model)
+        summary["model"] = str(TINY)
+        return env, TINY
+    import torch
 
-    shards, run_dir = work / "shards", work / "run"
+    total = torch.cuda.get_device_properties(0).total_memory
+    card = float(os.environ.get("GPU_CHECK_CARD_GIB", plan.GPUS[PLANNED_GPU].memory_gib))
+    fraction = memory_fraction(total, card, plan.PlanOptions().context_gib)
+    env[gpu_sharing.BACKEND_VARIABLE] = "gloo"
+    env[gpu_sharing.FRACTION_VARIABLE] = f"{fraction:.6f}"
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.setdefault("OMP_NUM_THREADS", "4")
+    summary["memory_cap"] = {"card_gib": card, "fraction": fraction, "of_bytes": total}
+    model = turbo_shaped_model(Path(summary["work"]) / "model")
+    summary["model"] = str(model)
+    return env, model
+
+
+def build_shards(check: Check, env: dict, model: Path, shards: Path) -> bool:
     workers = str(min(8, os.cpu_count() or 1))
     command = [sys.executable, "-m", "shard_builder", "--dataset", str(DEMO_CORPUS)]
     command += ["--model", str(model), "--out", str(shards), "--shard-size", "64"]
     code, _ = check.run("shards", command + ["--workers", workers], env, 600)
-    if not check.verdict(code == 0, f"shard builder exit {code}"):
-        return False
+    return check.verdict(code == 0, f"shard builder exit {code}")
 
+
+def train_kill_resume(check, cuda, env, model, shards, run_dir, batch) -> int | None | bool:
+    """Train with rank 0 killed in step KILL_AT, then resume to MAX_STEPS. Returns the
+    micro-batch the trainer ran with (None if its log does not say), False on a failure."""
     flags = trainer_flags(cuda, model, shards, batch) + ["--output-dir", str(run_dir)]
     killed_env = {**env, "TRAINER_DEBUG_KILL_AT_STEP": str(KILL_AT)}
     code, output = check.run("train_until_killed", torchrun(free_port()) + flags, killed_env, 900)
@@ -301,66 +324,72 @@ def sequence(check: Check, cuda: bool, batch: str, summary: dict) -> bool:
     why = f"exit {code}, resumed from step {SAVE_EVERY} {resumed}, step-{MAX_STEPS} {finished}"
     if not check.verdict(code == 0 and resumed and finished, why):
         return False
-    used = batch_in_log(output) or used
-    summary["batch_size"] = used
-    summary["trainer_throughput"] = trainer_throughput(run_dir)
+    return batch_in_log(output) or used
 
-    plan_flags = trainer_flags(cuda, model, shards, str(used or batch))
-    plan_command = [sys.executable, "-m", "trainer.plan", *plan_flags, "--gpu", PLANNED_GPU]
-    code, output = check.run("plan", plan_command + ["--world-size", "2", "--json"], env, 300)
+
+def planned(check, cuda, env, model, shards, batch: str, summary: dict) -> dict | None:
+    """trainer.plan's JSON for the same settings, on the card each rank was held to."""
+    flags = trainer_flags(cuda, model, shards, batch)
+    command = [sys.executable, "-m", "trainer.plan", *flags, "--gpu", PLANNED_GPU]
+    code, output = check.run("plan", command + ["--world-size", "2", "--json"], env, 300)
     predicted = _plan_json(output) if code == 0 else None
     if not check.verdict(predicted is not None, f"trainer.plan exit {code}"):
-        return False
-    summary["plan"] = {
-        k: predicted.get(k)
-        for k in ("gpu", "batch_size", "grad_accum", "peak_phase", "peak_total", "headroom")
-    }
-    summary["plan"]["phases"] = predicted.get("phases")
+        return None
+    keys = ("gpu", "batch_size", "grad_accum", "peak_phase", "peak_total", "headroom", "phases")
+    summary["plan"] = {k: predicted.get(k) for k in keys}
+    return predicted
+
+
+def memory_beside_plan(check, cuda, run_dir: Path, predicted: dict, summary: dict) -> bool:
+    from trainer import memory_phases
 
     measured = measured_peaks(memory_phases.read_records(run_dir))
     summary["memory"] = beside_plan(measured, predicted)
-    if cuda:
-        missing = [phase for phase in PHASES if phase not in measured]
-        check.phases.append({"name": "memory_records", "seconds": 0.0, "returncode": 0})
-        if not check.verdict(not missing, f"no peak recorded for {', '.join(missing)}"):
-            return False
+    if not cuda:  # no CUDA allocator, nothing recorded
+        return True
+    missing = [phase for phase in PHASES if phase not in measured]
+    check.phases.append({"name": "memory_records", "seconds": 0.0, "returncode": 0})
+    return check.verdict(not missing, f"no peak recorded for {', '.join(missing)}")
 
-    bench = [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--model", str(model)]
-    bench += ["--batch-size", str(used or 2), "--workdir", str(work / "bench")]
+
+def bench(check, cuda, env, model, batch: int, predicted: dict, summary: dict) -> bool:
+    """bench/bench_gpu.py at the run's micro-batch: the project's step and Seq2SeqTrainer."""
+    command = [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--model", str(model)]
+    command += ["--batch-size", str(batch), "--workdir", str(check.work / "bench")]
     if cuda:
-        bench += ["--tokens", str(predicted.get("target_tokens", 448)), "--steps", "8"]
+        command += ["--tokens", str(predicted.get("target_tokens", 448)), "--steps", "8"]
     else:
-        bench += ["--device", "cpu", "--precision", "fp32", "--tokens", "40", "--steps", "2"]
-        bench += ["--warmup", "1"]
+        command += ["--device", "cpu", "--precision", "fp32", "--tokens", "40", "--steps", "2"]
+        command += ["--warmup", "1"]
     if not _has_accelerate():
-        bench.append("--skip-hf")
+        command.append("--skip-hf")
         summary["seq2seq_trainer_skipped"] = "accelerate is not installed (Trainer needs it)"
-    code, output = check.run("bench_gpu", bench, env, 600)
+    code, output = check.run("bench_gpu", command, env, 600)
     result = last_json_line(output) if code == 0 else None
     if not check.verdict(result is not None and "results" in result, f"bench_gpu exit {code}"):
         return False
-    per_window = (
-        predicted["utterances_per_step"] / predicted["windows_per_step"]
-        if ("windows_per_step" in predicted)
-        else 1.0
-    )
+    per_window = 1.0  # one utterance per window unpacked
+    if "windows_per_step" in predicted:
+        per_window = predicted["utterances_per_step"] / predicted["windows_per_step"]
     summary["throughput"] = {
-        label: {
-            "windows_per_s": figures["samples_per_s"],
-            "utterances_per_s": figures["samples_per_s"] * per_window,
-            "mfu": figures.get("mfu"),
-            "max_memory_allocated_gib": None
-            if figures.get("max_memory_allocated") is None
-            else figures["max_memory_allocated"] / GIB,
-        }
-        for label, figures in result["results"].items()
+        label: throughput_row(figures, per_window) for label, figures in result["results"].items()
     }
     summary["throughput_note"] = (
-        f"bench_gpu.py: one process, micro-batch {used or 2}, synthetic 30 s windows of "
+        f"bench_gpu.py: one process, micro-batch {batch}, synthetic 30 s windows of "
         f"{result['args']['tokens']} target tokens; utterances/s = windows/s x "
-        f"{per_window:.2f} utterances per packed window (trainer.plan's assumption)"
+        f"{per_window:.2f} utterances per window (trainer.plan's assumption when packed)"
     )
     return True
+
+
+def throughput_row(figures: dict, per_window: float) -> dict:
+    memory = figures.get("max_memory_allocated")
+    return {
+        "windows_per_s": figures["samples_per_s"],
+        "utterances_per_s": figures["samples_per_s"] * per_window,
+        "mfu": figures.get("mfu"),
+        "max_memory_allocated_gib": None if memory is None else memory / GIB,
+    }
 
 
 def _plan_json(output: str) -> dict | None:
@@ -399,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     summary: dict = {
+        "work": str(work),
         "mode": "cuda" if cuda else "cpu",
         "device": torch.cuda.get_device_name(0) if cuda else "CPU (no CUDA)",
         "torch": torch.__version__,
