@@ -244,11 +244,17 @@ class Check:
         return code, output
 
     def verdict(self, ok: bool, why: str = "") -> bool:
-        self.phases[-1]["ok"] = ok
-        if why:
-            self.phases[-1]["why"] = why
+        """Record whether the last phase passed; a failure prints the end of its log."""
+        phase = self.phases[-1]
+        phase["ok"] = ok
+        if not ok:
+            phase["why"] = why
         mark = "ok" if ok else f"FAILED: {why}"
-        print(f"         {self.phases[-1]['name']}: {mark} ({self.phases[-1]['seconds']} s)")
+        print(f"         {phase['name']}: {mark} ({phase['seconds']} s)")
+        log = self.logs / f"{phase['name']}.log"
+        if not ok and log.is_file():
+            tail = log.read_text().splitlines()[-30:]
+            print(f"         last lines of {log}:\n" + "\n".join("           " + t for t in tail))
         return ok
 
 
