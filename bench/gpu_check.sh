@@ -17,11 +17,14 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-        echo "gpu_check: installing the carried wheels from .whl/ (no index)"
-        # by name: what the image already has (numpy, tqdm, ...) is left as it is
-        "$PYTHON" -m pip install --quiet --no-index --find-links .whl \
-            jiwer python-dotenv tqdm soundfile soxr pyarrow
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        # Into a folder of their own, found through PYTHONPATH (the trainer's processes inherit
+        # it): the image's own packages stay as they are.
+        SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
+        echo "gpu_check: installing the carried wheels from .whl/ into $SITE (no index)"
+        "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$SITE" .whl/*.whl
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
 
