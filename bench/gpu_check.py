@@ -364,6 +364,9 @@ def bench(check, cuda, env, model, batch: int, predicted: dict, summary: dict) -
     command += ["--batch-size", str(batch), "--workdir", str(check.work / "bench")]
     if cuda:
         command += ["--tokens", str(predicted.get("target_tokens", 448)), "--steps", "8"]
+        peak = dense_peak_tflops(summary["device"])
+        summary["mfu_peak_tflops"] = peak  # None: against the planned card's (bench_gpu's default)
+        command += ["--peak-tflops", str(peak)] if peak else []
     else:
         command += ["--device", "cpu", "--precision", "fp32", "--tokens", "40", "--steps", "2"]
         command += ["--warmup", "1"]
@@ -386,6 +389,19 @@ def bench(check, cuda, env, model, batch: int, predicted: dict, summary: dict) -
         f"{per_window:.2f} utterances per window (trainer.plan's assumption when packed)"
     )
     return True
+
+
+# Dense fp16/bf16 tensor peaks with fp32 accumulation, by a part of the CUDA device name
+# (datasheets; H200 SXM has H100 SXM's compute). trainer.plan's GPU table holds the same figures.
+DENSE_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "RTX 4090": 165.2}
+DENSE_PEAK_TFLOPS |= {"RTX 3090": 71.0, "RTX 4060 Ti": 44.1}
+
+
+def dense_peak_tflops(device_name: str) -> float | None:
+    for part, tflops in DENSE_PEAK_TFLOPS.items():
+        if part.lower() in device_name.lower():
+            return tflops
+    return None
 
 
 def throughput_row(figures: dict, per_window: float) -> dict:

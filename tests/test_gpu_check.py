@@ -174,3 +174,9 @@ def test_peaks_beside_the_plan_and_the_batch_from_the_log():
     assert rows["first_step"]["measured_over_planned"] == 2.0
     assert "measured_allocated_gib" not in rows["checkpoint_write"]
     json.dumps(rows)  # the summary is JSON
+
+
+def test_mfu_is_against_the_card_the_check_runs_on():
+    assert gpu_check.dense_peak_tflops("NVIDIA H200") == 989.4
+    assert gpu_check.dense_peak_tflops("NVIDIA GeForce RTX 4060 Ti") == 44.1
+    assert gpu_check.dense_peak_tflops("Some Future GPU") is None
