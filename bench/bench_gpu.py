@@ -10,7 +10,9 @@ autocast, `token_loss`, GradScaler, fused AdamW). Theirs: `Seq2SeqTrainer.train(
 `fp16`/`bf16` and `gradient_checkpointing` set. Reported per run: samples/s (after --warmup
 steps), MFU against the GPU's dense peak (FLOPs counted by trainer.plan), and
 `torch.cuda.max_memory_allocated`, beside what `trainer.plan` predicts for one GPU
-(`--world-size 1`, no context margin). Without CUDA it says so and exits 0.
+(`--world-size 1`, no context margin). Without CUDA it says so and exits 0, unless `--device cpu`
+asks for the same comparison on the CPU (fp32; bench/gpu_check.sh's CPU mode, to keep the script
+working: its figures say nothing about a GPU).
 """
 
 from __future__ import annotations
@@ -49,15 +51,15 @@ def run_ours(args, device) -> dict:
 
     model = build(args, device)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
+        [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda"
     )
-    scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     features, ids = synthetic_batch(model.config, args.batch_size, args.tokens, device)
     inputs, labels = decoder_inputs_and_labels(ids, model.config.pad_token_id)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
-            torch.cuda.synchronize()
+            synchronize(device)
             started = time.perf_counter()
         with autocast(args.precision, device):
             logits = model(input_features=features, decoder_input_ids=inputs).logits
@@ -73,15 +75,30 @@ def run_ours(args, device) -> dict:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - started
     result = {
         "samples_per_s": args.steps * args.batch_size / seconds,
-        "max_memory_allocated": torch.cuda.max_memory_allocated(),
+        "max_memory_allocated": max_allocated(device),
     }
     del model, optimizer
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return result
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def max_allocated(device) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 
 def run_hf(args, device) -> dict:
@@ -106,7 +123,7 @@ def run_hf(args, device) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
             if state.global_step == args.warmup:
-                torch.cuda.synchronize()
+                synchronize(device)
                 marks["start"] = time.perf_counter()
 
     training = Seq2SeqTrainingArguments(
@@ -119,7 +136,8 @@ def run_hf(args, device) -> dict:
         bf16=args.precision == "bf16",
         gradient_checkpointing=args.checkpointing == "true",
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim="adamw_torch_fused",
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        use_cpu=device.type == "cpu",
         max_grad_norm=1.0,
         report_to=[],
         save_strategy="no",
@@ -128,13 +146,13 @@ def run_hf(args, device) -> dict:
         remove_unused_columns=False,
     )
     trainer = Seq2SeqTrainer(model=model, args=training, train_dataset=Data(), callbacks=[Clock()])
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     trainer.train()
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - marks["start"]
     return {
         "samples_per_s": args.steps * args.batch_size / seconds,
-        "max_memory_allocated": torch.cuda.max_memory_allocated(),
+        "max_memory_allocated": max_allocated(device),
     }
 
 
@@ -155,19 +173,22 @@ def main() -> int:
     parser.add_argument("--model", default="openai/whisper-large-v3-turbo")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=125, help="target tokens per sample")
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--checkpointing", default="true", choices=["true", "false"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak")
     parser.add_argument("--workdir", default="/tmp/bench_gpu")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only to exercise it"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; nothing measured (run it on a GPU machine).")
         return 0
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     plan_figures = predicted(args)
     flops_per_sample = plan_figures["model_flops_per_step_per_gpu"] / args.batch_size
     peak = args.peak_tflops or plan_figures["peak_tflops"]
@@ -179,11 +200,13 @@ def main() -> int:
     predicted_gib = plan_figures["memory_bytes"]["allocated_peak"] / 2**30
     for label, figures in results.items():
         mfu = figures["samples_per_s"] * flops_per_sample / (peak * 1e12)
-        figures["mfu"] = mfu
+        figures["mfu"] = mfu if device.type == "cuda" else None
+        memory = figures["max_memory_allocated"]
         print(
-            f"  {label:16s} {figures['samples_per_s']:7.2f} samples/s  MFU {mfu:5.1%}  "
-            f"max_memory_allocated {figures['max_memory_allocated'] / 2**30:6.2f} GiB "
-            f"(plan: {predicted_gib:.2f} GiB)"
+            f"  {label:16s} {figures['samples_per_s']:7.2f} samples/s  "
+            + (f"MFU {mfu:5.1%}  " if device.type == "cuda" else "")
+            + (f"max_memory_allocated {memory / 2**30:6.2f} GiB " if memory is not None else "")
+            + f"(plan: {predicted_gib:.2f} GiB)"
         )
     print(json.dumps({"device": name, "args": vars(args), "results": results}))
     return 0

@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,7 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
     assert result["train_samples"] == 12345
     assert result["target_tokens"] == 448  # packed: a full window of planned tokens
     assert result["fits"] and result["verdict"]["fits"]
+    assert result["verdict"]["phase"] == result["peak_phase"] in result["phases"]  # named
     memory = result["memory_bytes"]
     assert memory["optimizer"] < plan.adamw_state_bytes([result["trainable_parameters"]])
     assert result["utterances_per_step"] > result["windows_per_step"]  # several per window
@@ -263,3 +265,93 @@ def test_dry_run_takes_the_trainer_settings_and_reads_the_manifest(tmp_path, mon
 def test_unknown_model_is_a_clear_error(capsys):
     assert plan.main(["--model", "someone/whisper-unknown"]) == 2
     assert "no config.json for 'someone/whisper-unknown'" in capsys.readouterr().err
+
+
+# --- every phase: evaluation, checkpoint write, first step after a resume ---------------------
+
+
+def _greedy_decode_bytes(precision: str, rows: int, new_tokens: int) -> int:
+    """Peak bytes the trainer's decoder (HFDecoder: generate under autocast) allocates on the
+    tiny preset with real tensors, decoding exactly `new_tokens` per row."""
+    from trainer.evaluate import HFDecoder
+    from trainer.model import load_model
+
+    torch.manual_seed(0)
+    model, processor = load_model(ModelConfig(name_or_path=TINY))
+    model.generation_config.min_new_tokens = new_tokens  # no early end: the full length
+    decoder = HFDecoder(model, processor.tokenizer, "de", "transcribe", precision)
+    features = torch.randn(rows, model.config.num_mel_bins, window_frames(model.config))
+    held = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    tracker = plan.LiveBytes(ignore=held)
+    tracker._track(features)  # the caller's batch, as the plan counts it
+    with tracker:
+        decoder(features, new_tokens, 1)
+    return tracker.peak
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_generation_peak_is_what_generate_allocates(precision):
+    """The plan's evaluation peak (encoder, first and last decoding steps on fake tensors) equals
+    what real generate() allocates, autocast's cached weight copies included."""
+    real = _greedy_decode_bytes(precision, rows=4, new_tokens=30)
+    predicted = plan.measure_generation(ModelConfig(name_or_path=TINY), 4, 1, 4 + 30, precision)
+    # fp16 within 2 %; fp32 misses ~10 % of the tiny model's few MB (small vocabulary-sized
+    # temporaries), nothing that scales with the model
+    assert predicted.peak == pytest.approx(real, rel=0.02 if precision == "fp16" else 0.12)
+    assert (predicted.weight_copies > 0) == (precision == "fp16")
+
+
+def test_generation_counts_half_precision_weight_copies_and_both_kv_caches():
+    from transformers import WhisperConfig
+
+    config = WhisperConfig.from_pretrained(plan.model_config_dir(BASE))
+    rows, positions = 6, 100
+    measured = plan.measure_generation(ModelConfig(name_or_path=BASE), 3, 2, positions, "fp16")
+    model = plan.build_fake_model(ModelConfig(name_or_path=BASE), FakeTensorMode())
+    cast = {
+        id(module.weight): module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv1d)
+    }  # the tied output projection once; embeddings and layer norms are not cast
+    assert measured.weight_copies == pytest.approx(2 * sum(cast.values()), rel=0.01)
+    per_position = config.decoder_layers * 2 * rows * config.d_model * 2  # k and v, float16
+    cross = config.max_source_positions
+    assert measured.rows == rows
+    assert measured.kv_cache == pytest.approx(per_position * (positions - 1 + cross), rel=0.01)
+
+
+def test_every_phase_is_planned_and_the_verdict_names_the_largest(monkeypatch):
+    argv = ["--name-or-path", BASE, "--batch-size", "2", "--zero1", "true", "--pack", "false"]
+    config, options = plan.resolve(argv + ["--eval-batch-size", "8"], {})
+    options.context_gib = 0.0
+    result = plan.make_plan(config, options)
+    phases = result["phases"]
+    assert list(phases) == list(plan.PHASE_TITLES)
+    memory = result["memory_bytes"]
+    states = memory["weights"] + memory["gradients"] + memory["optimizer"]
+    assert phases["training_step"]["allocated"] == memory["allocated_peak"]
+    # the shard lands in the optimiser's own state and gradients are bucket views: no extra
+    assert phases["first_step_after_resume"]["allocated"] == memory["allocated_peak"]
+    assert phases["first_step_after_resume"]["host_per_rank"] == (
+        memory["weights"] + memory["optimizer"]
+    )
+    assert phases["checkpoint_write"]["allocated"] == states  # nothing gathered on a GPU
+    generation = phases["evaluation"]["generation"]
+    assert phases["evaluation"]["allocated"] == states + generation["peak"]
+    assert result["peak_phase"] == "training_step"
+    assert plan.verdict(config, options, result)["phase"] == "training_step"
+
+    # A large evaluation batch makes generate the largest peak; on a GPU where batch 32 fits,
+    # the cheapest fix is exactly that, and the training settings stay as they are.
+    config, _ = plan.resolve(argv + ["--eval-batch-size", "32"], {})
+    at_32 = plan.make_plan(config, options)
+    assert at_32["peak_phase"] == "evaluation"
+    gib = at_32["peak_total"] / 2**30 + 0.01
+    monkeypatch.setitem(plan.GPUS, "mid", plan.Gpu("a mid GPU", gib, 10.0, 10.0, "test"))
+    config, _ = plan.resolve(argv + ["--eval-batch-size", "64"], {})
+    result = plan.plan_with_verdict(config, replace(options, gpu="mid"))
+    verdict = result["verdict"]
+    assert not result["fits"] and verdict["phase"] == "evaluation"
+    assert verdict["fix"] == "--eval-batch-size 32"
+    text = plan.format_plan(result)
+    assert "short in the evaluation (generate)" in text and "<- largest" in text

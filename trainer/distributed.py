@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer import gpu_sharing
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -41,13 +43,15 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Di
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = gpu_sharing.process_group_backend(torch.device(device))
     if device == "cuda":
-        torch.cuda.set_device(local_rank)  # before init: NCCL binds the communicator to it
-        torch_device = torch.device("cuda", local_rank)
+        index = gpu_sharing.cuda_index(local_rank, torch.cuda.device_count(), backend)
+        torch.cuda.set_device(index)  # before init: NCCL binds the communicator to it
+        torch_device = torch.device("cuda", index)
+        gpu_sharing.apply_memory_fraction(torch_device)
     else:
         torch_device = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
             timeout=timedelta(minutes=timeout_minutes),

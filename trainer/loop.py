@@ -30,6 +30,7 @@ from trainer.config import TrainConfig, write_config
 from trainer.data import TrainData, check_split, pad_features_to_full
 from trainer.distributed import Dist
 from trainer.evaluate import HFDecoder, evaluate_split
+from trainer.memory_phases import PhasePeaks
 from trainer.metrics import RunLogger, format_report
 from trainer.model import decoder_inputs_and_labels, load_model, token_loss, window_frames
 from trainer.optim import (
@@ -221,7 +222,7 @@ def setup(config: TrainConfig) -> Run:
 def wrap_for_ddp(model: torch.nn.Module, info) -> DistributedDataParallel:
     """DDP whose gradients live in its all-reduce buckets instead of beside them: one fp32
     copy of the gradients per GPU, not two (3 GiB less per GPU for turbo)."""
-    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    device_ids = [info.device.index] if info.device.type == "cuda" else None  # may be shared
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
@@ -301,9 +302,11 @@ def train(run: Run) -> None:
     bar = _progress_bar(run)
     started = time.perf_counter()
     start_step = state.step
+    peaks = PhasePeaks(run.run_dir, info.rank, info.device, session_start=state.step)
 
     if config.eval.eval_at_start and state.step == 0:
-        evaluate(run)
+        with peaks.phase("evaluation", state.step):
+            evaluate(run)
 
     while state.step < run.total_steps:
         step_started = time.perf_counter()
@@ -352,6 +355,7 @@ def train(run: Run) -> None:
         zero_gradients(run.optimizer, under_ddp=run.ddp is not run.model)
         run.scheduler.step()
         state.step += 1
+        peaks.step_done(state.step)
         state.consecutive_skips = state.consecutive_skips + 1 if found_inf else 0
         state.skipped_steps += int(found_inf)
         state.samples_seen += samples * info.world_size
@@ -406,10 +410,12 @@ def train(run: Run) -> None:
         last = state.step == run.total_steps
         every = config.eval.eval_every
         if last or (every > 0 and state.step % every == 0):
-            evaluate(run)
+            with peaks.phase("evaluation", state.step):
+                evaluate(run)
         save_every = config.checkpoint.save_every
         if last or (save_every > 0 and state.step % save_every == 0):
-            save_checkpoint(run)
+            with peaks.phase("checkpoint_write", state.step):
+                save_checkpoint(run)
 
     stream.close()
     if bar is not None:

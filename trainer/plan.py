@@ -19,7 +19,20 @@ What is measured, not assumed:
   logits and their float32 copy for the loss, and the backward's temporaries. The second
   micro-batch is the one measured: gradients already exist then, as in every micro-batch after
   the first of a step. Saved-tensor hooks report what autograd keeps at the end of the forward;
-- FLOPs with `torch.utils.flop_counter.FlopCounterMode` over the same forward and backward.
+- FLOPs with `torch.utils.flop_counter.FlopCounterMode` over the same forward and backward;
+- evaluation: the encoder and a decoding step of `generate` at the last position under the same
+  autocast, at eval_batch_size x beam_size rows, the KV caches (self- and cross-attention) built
+  to full length by a prefill: the peak includes the float16 copies autocast caches of every
+  weight for the whole `generate` call (the trainer's decoder wraps it in one autocast).
+
+Every phase's peak per GPU is planned, and the verdict is on the largest, named in the output:
+the steady training step; the first step after a resume (the rank's own ZeRO shard loaded into
+the optimiser's state on the device, gradients bucket views from the first backward: nothing
+beyond the steady step on the device, the loaded shard and the model's first copy in host
+memory); the evaluation (model states kept, plus `generate`); the checkpoint write (each rank
+writes its own optimiser shard, nothing is gathered on a GPU: model states only on the device;
+in host memory, torch.save's one-storage-at-a-time copy and, on rank 0, safetensors' in-memory
+serialisation of the weights).
 
 What is assumed (and printed): the GPU table below, a utilisation, a CUDA context and allocator
 margin, decoder lengths from a tokens-per-second rate of German speech, and a mean clip length
@@ -324,6 +337,9 @@ def model_state_bytes(model, world_size: int, zero1: bool) -> dict[str, Any]:
         "gradients": 4 * sum(trainable),
         "optimizer_per_rank": optimizer,
         "optimizer": max(optimizer),
+        # torch.save copies a device tensor to the host one storage at a time: exp_avg (or
+        # exp_avg_sq) of the largest parameter is the most a checkpoint write holds at once
+        "largest_state_tensor": 4 * max(trainable, default=0),
     }
 
 
@@ -458,6 +474,129 @@ def measure_micro_batch(
     )
 
 
+@dataclass
+class Generation:
+    rows: int  # sequences decoded at once: eval_batch_size x beam_size
+    positions: int  # decoder positions at the last step (prefix + max_new_tokens)
+    peak: int  # bytes above the model states, the larger of the encoder's and the last step's
+    encoder_peak: int
+    first_step_peak: int  # the prefix's step: its logits at every prefix position
+    decode_peak: int  # the last step
+    kv_cache: int  # self- and cross-attention keys and values at the last step
+    weight_copies: int  # the half-precision weight copies autocast caches for the call
+
+
+_GENERATION: dict[tuple, Generation] = {}
+
+
+def measure_generation(
+    model_config: ModelConfig, batch_size: int, beams: int, positions: int, precision: str
+) -> Generation:
+    """`generate`'s peak on fake tensors, memoised (it does not depend on training settings)."""
+    key = (model_config.name_or_path, model_config.attn_implementation, batch_size, beams)
+    key += (positions, precision)
+    if key not in _GENERATION:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode()
+        model = build_fake_model(replace(model_config, gradient_checkpointing=False), fake_mode)
+        _GENERATION[key] = _measure_generation(
+            model, fake_mode, batch_size, beams, positions, precision
+        )
+    return _GENERATION[key]
+
+
+def _measure_generation(model, fake_mode, batch_size, beams, positions, precision) -> Generation:
+    """The encoder, the first decoding step (the prefix), and the last step, with caches of
+    `positions - 1` tokens.
+
+    generate() copies the input features, runs the encoder once and keeps its output (expanded
+    to every beam); the first step computes logits at every prefix position; each step appends
+    one position to the caches, so the last step holds the most cache. The caches are filled by
+    a prefill whose own activations are released before that step is measured (generate never
+    holds them). Under autocast, generate() runs in one autocast region: each float32 weight is
+    cast to half precision once and the copy is kept until the region ends.
+    """
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"  # older releases
+    params = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    tracker = LiveBytes(ignore=params)
+    rows = batch_size * beams
+    model.eval()
+    with fake_mode, tracker, torch.no_grad(), autocast(precision, torch.device("cpu")):
+        features = torch.randn(batch_size, model.config.num_mel_bins, window_frames(model.config))
+        inputs = features.clone()  # generate() concatenates the input features: one copy
+        encoded = model.model.encoder(inputs).last_hidden_state
+        encoder_peak = tracker.peak
+        if beams > 1:
+            encoded = encoded.repeat_interleave(beams, dim=0)
+        prefix = torch.zeros(rows, min(DECODE_PREFIX, positions - 1), dtype=torch.long)
+        first = model(encoder_outputs=(encoded,), decoder_input_ids=prefix, use_cache=True)
+        scores = _logits_processing(first.logits)
+        first_peak = tracker.peak
+        del first, scores, prefix
+        prefill = torch.zeros(rows, positions - 1, dtype=torch.long)
+        output = model(encoder_outputs=(encoded,), decoder_input_ids=prefill, use_cache=True)
+        cache = output[cache_argument]
+        del output, prefill
+        kv_cache = sum(_bytes(tensor) for tensor in _cache_tensors(cache))
+        copies = tracker.now - _bytes(features) - _bytes(inputs) - _bytes(encoded) - kv_cache
+        tracker.peak = tracker.now
+        step = model(
+            encoder_outputs=(encoded,),
+            decoder_input_ids=torch.zeros(rows, 1, dtype=torch.long),
+            use_cache=True,
+            **{cache_argument: cache},
+        )
+        _logits_processing(step.logits)  # the peak is recorded while they live
+        decode_peak = tracker.peak
+    model.train()
+    return Generation(
+        rows=rows,
+        positions=positions,
+        peak=max(encoder_peak, first_peak, decode_peak),
+        encoder_peak=encoder_peak,
+        first_step_peak=first_peak,
+        decode_peak=decode_peak,
+        kv_cache=kv_cache,
+        weight_copies=copies,
+    )
+
+
+DECODE_PREFIX = 4  # <|startoftranscript|><|de|><|transcribe|><|notimestamps|>
+
+
+def _logits_processing(logits: torch.Tensor) -> list[torch.Tensor]:
+    """What a greedy generate() step holds at once after the forward (seen on the tiny preset
+    with real tensors): the float32 copy of the last position's logits, two masked copies and a
+    clone made by the logits processors (suppressed tokens), and an arange over the vocabulary."""
+    last = logits[:, -1, :].float()
+    masked = [torch.where(last > 0, last, last) for _ in range(2)]
+    return [last, *masked, last.clone(), torch.arange(last.shape[-1])]
+
+
+def _cache_tensors(cache):
+    """Keys and values of an EncoderDecoderCache (transformers 5 layers, or 4.x lists)."""
+    for part in (cache.self_attention_cache, cache.cross_attention_cache):
+        layers = getattr(part, "layers", None)
+        if layers is None:
+            yield from (*part.key_cache, *part.value_cache)
+            continue
+        for layer in layers:
+            yield from (t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return -(-tensor.untyped_storage().nbytes() // ALLOCATOR_ROUND) * ALLOCATOR_ROUND
+
+
+def eval_positions(config: TrainConfig, max_positions: int) -> int:
+    """Decoder positions at evaluation's last step: the 4-token prefix and max_new_tokens."""
+    return max(2, min(max_positions, 4 + config.eval.max_new_tokens))
+
+
 class _null:
     def __enter__(self):
         return self
@@ -528,11 +667,97 @@ def make_plan(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
     positions = int(model.config.max_target_positions)
     tokens = target_tokens(config, options, positions)
     states = model_state_bytes(model, options.world_size, config.optim.zero1)
-    measured = measure_micro_batch(model, fake_mode, config.data.batch_size, tokens, precision)
-    return assemble(config, options, gpu, precision, model, states, measured, tokens)
+    key = (repr(config.model), config.data.batch_size, tokens, precision)
+    if key not in _MICRO_BATCH:  # the verdict's attempts that change other settings reuse it
+        _MICRO_BATCH[key] = measure_micro_batch(
+            model, fake_mode, config.data.batch_size, tokens, precision
+        )
+    measured = _MICRO_BATCH[key]
+    generation = measure_generation(
+        config.model,
+        config.eval.eval_batch_size,
+        config.eval.beam_size,
+        eval_positions(config, positions),
+        precision,
+    )
+    plan = assemble(config, options, gpu, precision, model, states, measured, tokens)
+    plan["phases"] = phase_peaks(options, gpu, states, measured, generation)
+    peak = max(plan["phases"], key=lambda name: plan["phases"][name]["total"])  # first on a tie
+    plan["peak_phase"] = peak
+    plan["peak_total"] = plan["phases"][peak]["total"]
+    plan["headroom"] = plan["phases"][peak]["headroom"]
+    plan["fits"] = plan["headroom"] >= 0
+    plan["eval_batch_size"] = config.eval.eval_batch_size
+    plan["beam_size"] = config.eval.beam_size
+    return plan
+
+
+_MICRO_BATCH: dict[tuple, Measured] = {}
+
+PHASE_TITLES = {
+    "training_step": "training step (steady)",
+    "first_step_after_resume": "first step after a resume",
+    "evaluation": "evaluation (generate)",
+    "checkpoint_write": "checkpoint write",
+}
+
+
+def phase_peaks(options: PlanOptions, gpu: Gpu, states, measured, generation) -> dict[str, Any]:
+    """Peak bytes per GPU (the fullest rank) of each phase, and host bytes per rank beyond the
+    process's own baseline, in PHASE_TITLES' order."""
+    weights, gradients, optimizer = states["weights"], states["gradients"], states["optimizer"]
+    model_states = weights + gradients + optimizer
+    # Under DDP the gradients are bucket views that stay allocated between steps (zeroed in
+    # place); a single process sets them to None after each step.
+    kept_gradients = gradients if options.world_size > 1 else 0
+    device = {
+        "training_step": model_states + measured.activation_peak,
+        # The shard is loaded into the optimiser's own state on the device and the gradients
+        # exist as bucket views from the first backward: no second copy of either.
+        "first_step_after_resume": model_states + measured.activation_peak,
+        "evaluation": weights + kept_gradients + optimizer + generation.peak,
+        # Between steps, activations released; every rank writes its own shard from where it is.
+        "checkpoint_write": weights + kept_gradients + optimizer,
+    }
+    host = {
+        "training_step": 0,
+        # the model is built and loaded in host memory before it moves to the device, and
+        # torch.load(map_location="cpu") holds the rank's optimiser shard until it is loaded
+        "first_step_after_resume": weights + optimizer,
+        "evaluation": 0,
+        # rank 0: safetensors serialises every weight in memory before writing; every rank:
+        # torch.save copies one optimiser storage at a time to the host
+        "checkpoint_write": weights + states["largest_state_tensor"],
+    }
+    notes = {
+        "training_step": f"activations {measured.activation_peak / GIB:.2f} GiB at batch "
+        f"{measured.batch_size}",
+        "first_step_after_resume": "as the steady step on the device; host: the model's "
+        "first copy and the loaded optimiser shard",
+        "evaluation": f"{generation.rows} rows x {generation.positions} positions: fp16 weight "
+        f"copies {generation.weight_copies / GIB:.2f}, KV caches {generation.kv_cache / GIB:.2f}",
+        "checkpoint_write": "each rank writes its own shard; host: rank 0's weights in "
+        "safetensors plus one optimiser storage",
+    }
+    context = options.context_gib * GIB
+    capacity = gpu.memory_gib * GIB
+    phases: dict[str, Any] = {}
+    for name in PHASE_TITLES:
+        fragmentation = options.fragmentation * device[name]
+        total = int(device[name] + fragmentation + context)
+        phases[name] = {
+            "allocated": int(device[name]),
+            "total": total,
+            "headroom": int(capacity - total),
+            "host_per_rank": int(host[name]),
+            "note": notes[name],
+        }
+    phases["evaluation"]["generation"] = vars(generation)
+    return phases
 
 
 def assemble(config, options, gpu, precision, model, states, measured, tokens) -> dict[str, Any]:
+    """The training step's memory breakdown (`memory_bytes`), FLOPs and times."""
     world, batch, accum = options.world_size, config.data.batch_size, config.optim.grad_accum
     allocated = (
         states["weights"] + states["gradients"] + states["optimizer"] + measured.activation_peak
@@ -644,11 +869,14 @@ def assumptions(config: TrainConfig, options: PlanOptions) -> list[str]:
 # --- the verdict ------------------------------------------------------------------------------
 
 
-def fixes(config: TrainConfig, options: PlanOptions) -> list[tuple[str, TrainConfig]]:
-    """Changes in order of cost, each on top of the ones before: ZeRO-1 (a little
-    communication), a smaller micro-batch with more accumulation (the same effective batch,
-    less throughput), gradient checkpointing (~1/3 more compute), a frozen encoder (a different
-    training: the decoder only)."""
+def fixes(
+    config: TrainConfig, options: PlanOptions, plan: dict[str, Any] | None = None
+) -> list[tuple[str, TrainConfig]]:
+    """Changes in order of cost, each on top of the ones before: a smaller evaluation batch
+    when the evaluation alone does not fit (slower evaluation, the same training), ZeRO-1 (a
+    little communication), a smaller micro-batch with more accumulation (the same effective
+    batch, less throughput), gradient checkpointing (~1/3 more compute), a frozen encoder (a
+    different training: the decoder only)."""
     steps: list[tuple[str, TrainConfig]] = []
     current = config
 
@@ -660,6 +888,11 @@ def fixes(config: TrainConfig, options: PlanOptions) -> list[tuple[str, TrainCon
         current = updated
         steps.append((description, current))
 
+    evaluation = plan["phases"]["evaluation"] if plan else None
+    eval_batch = config.eval.eval_batch_size
+    while evaluation is not None and evaluation["headroom"] < 0 and eval_batch > 1:
+        eval_batch //= 2
+        changed(f"--eval-batch-size {eval_batch}", eval={"eval_batch_size": eval_batch})
     if options.world_size > 1 and not config.optim.zero1:
         changed("--zero1 true", optim={"zero1": True})
     batch, accum = config.data.batch_size, config.optim.grad_accum
@@ -688,6 +921,7 @@ def changed_flags(config: TrainConfig, candidate: TrainConfig) -> str:
         ("data", "bucket_buffer"),
         ("model", "gradient_checkpointing"),
         ("model", "freeze_encoder"),
+        ("eval", "eval_batch_size"),
     ):
         value = getattr(getattr(candidate, section), name)
         if value != getattr(getattr(config, section), name):
@@ -697,23 +931,27 @@ def changed_flags(config: TrainConfig, candidate: TrainConfig) -> str:
 
 
 def verdict(config: TrainConfig, options: PlanOptions, plan: dict[str, Any]) -> dict[str, Any]:
-    memory = plan["memory_bytes"]
+    """On the largest phase's peak (plan["peak_phase"]), not only the training step's."""
+    phase = plan["peak_phase"]
     if plan["fits"]:
-        return {"fits": True, "headroom": memory["headroom"], "fix": None}
-    for _, candidate in fixes(config, options):
+        return {"fits": True, "phase": phase, "headroom": plan["headroom"], "fix": None}
+    for _, candidate in fixes(config, options, plan):
         attempt = make_plan(candidate, options)
         if attempt["fits"]:
             return {
                 "fits": False,
-                "short_by": -memory["headroom"],
+                "phase": phase,
+                "short_by": -plan["headroom"],
                 "fix": changed_flags(config, candidate),
-                "fix_total": attempt["memory_bytes"]["total"],
-                "fix_headroom": attempt["memory_bytes"]["headroom"],
+                "fix_total": attempt["peak_total"],
+                "fix_headroom": attempt["headroom"],
+                "fix_phase": attempt["peak_phase"],
                 "fix_hours_per_epoch": attempt["hours_per_epoch"],
             }
     return {
         "fits": False,
-        "short_by": -memory["headroom"],
+        "phase": phase,
+        "short_by": -plan["headroom"],
         "fix": None,
         "note": "nothing the trainer offers makes it fit: a GPU with more memory, or more GPUs "
         "with --zero1 (8-bit AdamW is not offered by the trainer)",
@@ -741,7 +979,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"accumulation {plan['grad_accum']}; {plan['target_tokens']} target tokens per "
         f"{unit[:-1]}",
         "",
-        "Memory per GPU (the fullest rank):",
+        "Memory per GPU in the training step (the fullest rank):",
         f"  weights (fp32)                   {_gib(m['weights'])}",
         f"  gradients (fp32)                 {_gib(m['gradients'])}",
         f"  AdamW states{' (ZeRO-1 share)   ' if plan['zero1'] else '                   '}  "
@@ -752,6 +990,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  fragmentation margin             {_gib(m['fragmentation'])}",
         f"  CUDA context, cuBLAS, NCCL       {_gib(m['context'])}",
         f"  total                            {_gib(m['total'])}   of {_gib(m['capacity'])}",
+        "",
+        "Peak per GPU of every phase (with the same margins; host: per rank, beyond its baseline):",
+        *_phase_lines(plan),
         "",
         "Time:",
         f"  FLOPs per optimiser step per GPU {plan['flops_per_step_per_gpu'] / 1e12:8.1f} TFLOP "
@@ -765,22 +1006,39 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"({plan['train_samples']} utterances, {plan['train_samples_source']})",
         "",
     ]
+    phase = PHASE_TITLES[v["phase"]]
     if v["fits"]:
-        lines.append(f"Verdict: FITS, with {v['headroom'] / GIB:.2f} GiB headroom per GPU.")
+        lines.append(
+            f"Verdict: FITS, with {v['headroom'] / GIB:.2f} GiB headroom per GPU at the largest "
+            f"peak, the {phase}."
+        )
     elif v["fix"]:
         lines.append(
-            f"Verdict: DOES NOT FIT ({v['short_by'] / GIB:.2f} GiB short). Cheapest change that "
-            f"fits: {v['fix']} ({v['fix_total'] / GIB:.2f} GiB, "
-            f"{v['fix_headroom'] / GIB:.2f} GiB headroom, {v['fix_hours_per_epoch']:.1f} h per "
-            "epoch)."
+            f"Verdict: DOES NOT FIT ({v['short_by'] / GIB:.2f} GiB short in the {phase}). "
+            f"Cheapest change that fits: {v['fix']} ({v['fix_total'] / GIB:.2f} GiB at the "
+            f"{PHASE_TITLES[v['fix_phase']]}, {v['fix_headroom'] / GIB:.2f} GiB headroom, "
+            f"{v['fix_hours_per_epoch']:.1f} h per epoch)."
         )
     else:
         lines.append(
-            f"Verdict: DOES NOT FIT ({v['short_by'] / GIB:.2f} GiB short), and {v['note']}."
+            f"Verdict: DOES NOT FIT ({v['short_by'] / GIB:.2f} GiB short in the {phase}), and "
+            f"{v['note']}."
         )
     lines.append("Assumptions: " + "; ".join(plan["assumptions"]) + ".")
     lines.append(f"GPU figures: {plan['gpu_source']}.")
     return "\n".join(lines)
+
+
+def _phase_lines(plan: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, phase in plan["phases"].items():
+        mark = "  <- largest" if name == plan["peak_phase"] else ""
+        host = f"host {phase['host_per_rank'] / GIB:5.2f} GiB" if phase["host_per_rank"] else ""
+        lines.append(
+            f"  {PHASE_TITLES[name]:32s} {_gib(phase['total'])}   {host:16s} ({phase['note']})"
+            f"{mark}"
+        )
+    return lines
 
 
 def plan_with_verdict(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
