@@ -85,7 +85,7 @@ class FitConfig:
             )
 
 
-class CannotFit(RuntimeError):
+class CannotFit(ValueError):
     """Not even one window fits, or an out-of-memory error cannot be retried safely."""
 
 
@@ -221,8 +221,28 @@ def measure_step(model, size: int, precision: str, base: int) -> int | None:
     return peak
 
 
-def fit_micro_batch(config, info, model, optimizer, precision: str, resumed: int | None) -> Choice:
-    """The micro-batch this run starts with (see the module docstring), the same on all ranks."""
+class CudaMemory:
+    """What the fit reads from the card; the tests hand fit_micro_batch a fake instead."""
+
+    def __init__(self, model, precision: str) -> None:
+        self.model, self.precision = model, precision
+        self.device = next(model.parameters()).device
+
+    def usable(self) -> int:
+        return usable_cuda_bytes(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def step_peak(self, size: int, base: int) -> int | None:
+        return measure_step(self.model, size, self.precision, base)
+
+
+def fit_micro_batch(
+    config, info, model, optimizer, precision: str, resumed: int | None, memory=None
+) -> Choice:
+    """The micro-batch this run starts with (see the module docstring), the same on all ranks.
+    `resumed`: the checkpoint's micro-batch; `memory`: a CudaMemory (or a fake)."""
     requested = config.data.batch_size
     windows = loader_batch_size(requested, config.fit) * config.optim.grad_accum
     if resumed is not None:
@@ -231,21 +251,24 @@ def fit_micro_batch(config, info, model, optimizer, precision: str, resumed: int
         if resumed is not None and resumed != requested:
             return Choice(resumed, windows, "kept from the checkpoint")
         return Choice(requested, windows, "set by batch_size")
-    if info.device.type != "cuda":
+    if memory is None and info.device.type != "cuda":
         size = resumed or config.fit.reference_batch_size
-        return Choice(size, windows, f"batch_size auto on {info.device.type}: no measurement")
-    return _measure_and_agree(config, info, model, optimizer, precision, windows, resumed)
+        reason = f"batch_size auto on {info.device.type}: the reference batch, not measured"
+        if resumed is not None:
+            reason = f"batch_size auto on {info.device.type}: kept from the checkpoint"
+        return Choice(size, windows, reason)
+    memory = memory or CudaMemory(model, precision)
+    return _measure_and_agree(config, info, model.config, optimizer, memory, windows, resumed)
 
 
-def _measure_and_agree(config, info, model, optimizer, precision, windows, resumed) -> Choice:
-    device = info.device
+def _measure_and_agree(config, info, model_config, optimizer, memory, windows, resumed) -> Choice:
     margin = int(config.fit.memory_margin_gib * GIB)
-    usable = usable_cuda_bytes(device)
-    base = torch.cuda.memory_allocated(device)
+    usable = memory.usable()
+    base = memory.allocated()
     later = missing_optimizer_bytes(optimizer)
 
     def need(size: int) -> int | None:
-        peak = measure_step(model, size, precision, base)
+        peak = memory.step_peak(size, base)
         return None if peak is None else peak + later
 
     size, needs = search_micro_batch(windows, usable - margin, need, resumed)
@@ -254,7 +277,7 @@ def _measure_and_agree(config, info, model, optimizer, precision, windows, resum
         f"{s}: {'out of memory' if n is None else f'{n / GIB:.1f} GiB'}"
         for s, n in sorted(needs.items())
     )
-    shape = f"{window_frames(model.config)} frames x {model.config.max_target_positions} positions"
+    shape = f"{window_frames(model_config)} frames x {model_config.max_target_positions} positions"
     if any(s is None for s in sizes):
         raise CannotFit(
             f"batch_size auto: no micro-batch fits on rank(s) "
@@ -265,8 +288,9 @@ def _measure_and_agree(config, info, model, optimizer, precision, windows, resum
     chosen = min(sizes)
     source = f"from the checkpoint's {resumed}, " if resumed is not None else ""
     reason = (
-        f"batch_size auto, {source}measured at {shape}: needs {measured}; "
-        f"{usable / GIB:.1f} GiB usable, {margin / GIB:.1f} GiB margin"
+        f"batch_size auto, {source}measured at {shape}: needs {measured} (optimiser state "
+        f"still to come included: {later / GIB:.1f} GiB); {usable / GIB:.1f} GiB usable, "
+        f"{margin / GIB:.1f} GiB margin"
     )
     if chosen != size:
         reason += f"; another rank fits only {chosen}"
