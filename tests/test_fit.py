@@ -218,7 +218,7 @@ class _Log:
         self.warnings.append(message % args)
 
 
-def _step(model, parts, size, fail_at_size=None):
+def _step(model, parts, size, fail_at_size=None, fail_in="forward"):
     """One step through an Accumulator; the last micro-batch's forward raises OOM while the
     micro-batch is larger than `fail_at_size`. Returns (gradients, totals, accumulator, log)."""
     windows = sum(p[0].shape[0] for p in parts)
@@ -228,7 +228,7 @@ def _step(model, parts, size, fail_at_size=None):
     def forward(micro):
         out = torch.nn.functional.dropout(model(micro.features.flatten(1)), 0.5)
         # the last micro-batch fails after drawing dropout, the others' gradients accumulated
-        if fail_at_size is not None and micro.last and micro.features.shape[0] > fail_at_size:
+        if fail_in == "forward" and _fails(micro, fail_at_size):
             raise torch.OutOfMemoryError("fake")
         summed = (out.sum(1) * (micro.labels != -100).sum(1)).sum()
         count = (micro.labels != -100).sum()
@@ -236,6 +236,8 @@ def _step(model, parts, size, fail_at_size=None):
 
     def backward(loss, micro):
         loss.backward()
+        if fail_in == "backward" and _fails(micro, fail_at_size):
+            raise torch.OutOfMemoryError("fake")  # after the gradients were added
 
     totals = accumulator.run(1, parts, forward, backward)
     grads = [p.grad.clone() for p in model.parameters()]
@@ -243,14 +245,19 @@ def _step(model, parts, size, fail_at_size=None):
     return grads, totals, accumulator, log
 
 
-def test_out_of_memory_halves_and_redoes_the_step_exactly():
+def _fails(micro, fail_at_size) -> bool:
+    return fail_at_size is not None and micro.last and micro.features.shape[0] > fail_at_size
+
+
+@pytest.mark.parametrize("fail_in", ["forward", "backward"])
+def test_out_of_memory_halves_and_redoes_the_step_exactly(fail_in):
     torch.manual_seed(0)
     model = torch.nn.Linear(15, 2)
     parts = _parts([3, 5, 4, 6])  # 8 windows per step, loader batch 2
     torch.manual_seed(1)
     expected, expected_totals, _, _ = _step(model, parts, 1)  # at micro-batch 1 throughout
     torch.manual_seed(1)
-    grads, totals, accumulator, log = _step(model, parts, 4, fail_at_size=1)  # 4 -> 2 -> 1
+    grads, totals, accumulator, log = _step(model, parts, 4, 1, fail_in)  # 4 -> 2 -> 1
     assert accumulator.micro_batch == 1 and accumulator.choice.accumulation == 8
     assert [step for step, _ in accumulator.fallbacks] == [1, 1]
     assert "redoing the step from the same 8 windows per rank at micro-batch 2" in log.warnings[0]

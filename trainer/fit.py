@@ -28,11 +28,16 @@ RNG state. Limits: an out-of-memory error inside the last micro-batch's backward
 cannot be retried (DDP's gradient all-reduce is already in flight on the other ranks) and
 stops the run with a clear error; the optimiser step itself is not retried either (the
 measurement counts its state). Resume from a checkpoint then, at the stored micro-batch.
+
+Why a redone step needs one extra forward under DDP: a rank whose synchronised forward finished
+has told DDP's reducer to expect a backward; a rank that ran out of memory inside it has not.
+Left so, the first rank's next backward, even under no_sync, all-reduces alone and the ranks
+fall out of step (seen with two gloo ranks). One synchronised forward and backward of a single
+zero window on every rank brings all reducers to the same state; its gradients are zeroed.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -50,8 +55,6 @@ GIB = 2**30
 # Test hook (read once at setup): rank 0's forward raises torch.OutOfMemoryError in the last
 # micro-batch of the given optimiser step, once (inside DDP's forward, as a real one would).
 OOM_HOOK = "TRAINER_DEBUG_OOM_AT_STEP"
-
-log = logging.getLogger("trainer")
 
 
 def _help(text: str, **kwargs: Any):
@@ -420,7 +423,8 @@ class Accumulator:
                     # Summed as tensors: no host sync per micro-batch for the log's figures.
                     summed_total = summed_total + summed.detach()
                     tokens_total = tokens_total + count
-            if not micro.last and distributed.any_rank(self.info, failed):
+            # The last micro-batch's own failure here can only be a single process's backward.
+            if failed if micro.last else distributed.any_rank(self.info, failed):
                 self._abort(reset_ddp=False)
                 return None
         return float(summed_total), int(tokens_total)
