@@ -291,6 +291,10 @@ RUN_ARGS = (
     "0.1",  # the redone step must draw the same dropout masks
     "--gradient-checkpointing",
     "true",
+    "--precision",
+    "fp16",  # the GPU default's GradScaler and ZeRO-1 state, on gloo
+    "--zero1",
+    "true",
 )
 OOM_STEP = 2
 
