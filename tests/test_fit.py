@@ -179,32 +179,52 @@ def test_the_plan_reads_auto_as_the_reference_batch():
 # --- splitting a step -------------------------------------------------------------------------
 
 
-def _parts(lengths, rows=2, pad_id=7):
+def _parts(lengths, rows=2):
     parts = []
     for number, length in enumerate(lengths):
-        features = torch.full((rows, 3, 5), float(number)) + torch.arange(rows)[:, None, None]
-        inputs = torch.randint(0, 5, (rows, length))
-        labels = torch.randint(0, 5, (rows, length))
+        n = rows[number] if isinstance(rows, list) else rows
+        features = torch.full((n, 3, 5), float(number)) + torch.arange(n)[:, None, None]
+        inputs = torch.randint(0, 5, (n, length))
+        labels = torch.randint(0, 5, (n, length))
         parts.append((features, inputs, labels))
     return parts
 
 
+def _rows(parts):
+    return [(f, i, lab) for p in parts for f, i, lab in zip(*p, strict=True)]
+
+
 def test_split_keeps_the_windows_in_order_and_pads_across_loader_batches():
     parts = _parts([3, 5, 4])  # three loader batches of 2 windows
-    untouched = fit.split_micro_batches(parts, 2, 7)  # exactly the loader batches
+    untouched = fit.split_micro_batches(parts, 2, 7, 2)  # exactly the loader batches
     assert all(c is p for c, p in zip(untouched, parts, strict=True))
     for size in (1, 3, 6):
-        chunks = fit.split_micro_batches(parts, size, 7)
+        chunks = fit.split_micro_batches(parts, size, 7, 2)
         assert [c[0].shape[0] for c in chunks] == [size] * (6 // size)
-        assert torch.equal(torch.cat([c[0] for c in chunks]), torch.cat([p[0] for p in parts]))
-        rows = [(i, lab) for c in chunks for i, lab in zip(c[1], c[2], strict=True)]
-        originals = [(i, lab) for p in parts for i, lab in zip(p[1], p[2], strict=True)]
-        for (inputs, labels), (want_inputs, want_labels) in zip(rows, originals, strict=True):
-            n = want_inputs.shape[0]
-            assert torch.equal(inputs[:n], want_inputs) and torch.equal(labels[:n], want_labels)
-            assert (inputs[n:] == 7).all() and (labels[n:] == -100).all()
+        for (f, i, lab), (want_f, want_i, want_lab) in zip(
+            _rows(chunks), _rows(parts), strict=True
+        ):
+            n = want_i.shape[0]
+            assert torch.equal(f, want_f)
+            assert torch.equal(i[:n], want_i) and torch.equal(lab[:n], want_lab)
+            assert (i[n:] == 7).all() and (lab[n:] == -100).all()
     with pytest.raises(ValueError, match="6 windows do not split into micro-batches of 4"):
-        fit.split_micro_batches(parts, 4, 7)
+        fit.split_micro_batches(parts, 4, 7, 2)
+    with pytest.raises(ValueError, match="a loader batch holds more than 1 windows"):
+        fit.split_micro_batches(parts, 1, 7, 1)
+
+
+def test_split_of_short_batches_gives_every_rank_the_same_number_of_micro_batches():
+    # an epoch's end: loader batches of 2, the second and fourth hold one window only
+    parts = _parts([3, 5, 4, 6], rows=[2, 1, 2, 1])
+    as_loaded = fit.split_micro_batches(parts, 2, 7, 2)
+    assert all(c is p for c, p in zip(as_loaded, parts, strict=True))  # as the loader made them
+    chunks = fit.split_micro_batches(parts, 1, 7, 2)
+    assert len(chunks) == 8 and [c is None for c in chunks].count(True) == 2
+    assert chunks[3] is None and chunks[7] is None  # the missing second windows
+    present = [c for c in chunks if c is not None]
+    assert all(torch.equal(a[0][0], b) for a, (b, _, _) in zip(present, _rows(parts), strict=True))
+    assert [c[0].shape[0] for c in fit.split_micro_batches(parts, 4, 7, 2)] == [3, 3]
 
 
 # --- the fallback, in one process -------------------------------------------------------------
@@ -218,15 +238,15 @@ class _Log:
         self.warnings.append(message % args)
 
 
-def _step(model, parts, size, fail_at_size=None, fail_in="forward"):
+def _step(model, parts, size, fail_at_size=None, fail_in="forward", dropout=0.5):
     """One step through an Accumulator; the last micro-batch's forward raises OOM while the
     micro-batch is larger than `fail_at_size`. Returns (gradients, totals, accumulator, log)."""
-    windows = sum(p[0].shape[0] for p in parts)
+    windows = len(parts) * max(p[0].shape[0] for p in parts)  # as if every batch were full
     log = _Log()
     accumulator = fit.Accumulator(fit.Choice(size, windows, "test"), Dist(), model, model, 0, log)
 
     def forward(micro):
-        out = torch.nn.functional.dropout(model(micro.features.flatten(1)), 0.5)
+        out = torch.nn.functional.dropout(model(micro.features.flatten(1)), dropout)
         # the last micro-batch fails after drawing dropout, the others' gradients accumulated
         if fail_in == "forward" and _fails(micro, fail_at_size):
             raise torch.OutOfMemoryError("fake")
@@ -264,6 +284,18 @@ def test_out_of_memory_halves_and_redoes_the_step_exactly(fail_in):
     # dropout drew the same masks (the RNG was put back), the same windows, the same sums
     assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
     assert totals == expected_totals
+
+
+def test_a_micro_batch_without_windows_runs_at_zero_weight():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(15, 2)
+    parts = _parts([3, 5, 4, 6], rows=[2, 1, 2, 1])  # 6 of 8 windows: 2 micro-batches empty
+    grads, totals, _, _ = _step(model, parts, 1, dropout=0.0)
+    for features, _, _ in _rows(parts):  # each present window's mean loss, at weight 1/8
+        (model(features.flatten()[None]).sum() / 8).backward()
+    expected = [param.grad for param in model.parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, expected, strict=True))
+    assert totals[1] == sum(lab.numel() for _, _, lab in _rows(parts))
 
 
 def test_out_of_memory_at_micro_batch_one_stops_with_a_clear_error():

@@ -318,34 +318,54 @@ class MicroBatch:
         return self.index == self.accumulation - 1
 
 
-def split_micro_batches(parts: Sequence[Part], size: int, pad_id: int) -> list[Part]:
-    """The step's windows, in order, cut into micro-batches of `size` windows. A micro-batch that
-    spans loader batches pads their token rows to the longest (inputs with `pad_id`, labels
-    with the ignored label); one that is exactly a loader batch is that batch untouched."""
-    rows = [(p, r) for p, part in enumerate(parts) for r in range(part[0].shape[0])]
-    if len(rows) % size:
-        raise ValueError(f"{len(rows)} windows do not split into micro-batches of {size}")
-    chunks = []
-    for start in range(0, len(rows), size):
+def split_micro_batches(
+    parts: Sequence[Part], size: int, pad_id: int, loader_batch: int
+) -> list[Part | None]:
+    """The step's windows, in order, cut into micro-batches of `size` windows.
+
+    The cut is made on the windows the step would hold if every loader batch were full
+    (`loader_batch` each), so every rank gets the same number of micro-batches even when the
+    last batches of an epoch are short; a micro-batch whose windows are all missing is None.
+    A micro-batch that spans loader batches pads their token rows to the longest (inputs with
+    `pad_id`, labels with the ignored label); one that is exactly a loader batch is that batch
+    untouched (so `--batch-size N` trains exactly as it did before micro-batches were split).
+    """
+    if any(part[0].shape[0] > loader_batch for part in parts):
+        raise ValueError(f"a loader batch holds more than {loader_batch} windows")
+    slots = len(parts) * loader_batch
+    if slots % size:
+        raise ValueError(f"{slots} windows do not split into micro-batches of {size}")
+    chunks: list[Part | None] = []
+    for start in range(0, slots, size):
         pieces: dict[int, list[int]] = {}
-        for p, r in rows[start : start + size]:
-            pieces.setdefault(p, []).append(r)
-        if len(pieces) == 1:
+        for slot in range(start, start + size):
+            p, r = divmod(slot, loader_batch)
+            if r < parts[p][0].shape[0]:
+                pieces.setdefault(p, []).append(r)
+        if not pieces:
+            chunks.append(None)
+        elif len(pieces) == 1:
             ((p, taken),) = pieces.items()
             lo, hi = taken[0], taken[-1] + 1
             whole = lo == 0 and hi == parts[p][0].shape[0]
             chunks.append(parts[p] if whole else tuple(t[lo:hi] for t in parts[p]))
-            continue
-        selected = [tuple(t[r[0] : r[-1] + 1] for t in parts[p]) for p, r in pieces.items()]
-        length = max(inputs.shape[1] for _, inputs, _ in selected)
-        chunks.append(
-            (
-                torch.cat([f for f, _, _ in selected]),
-                torch.cat([_pad(i, length, pad_id) for _, i, _ in selected]),
-                torch.cat([_pad(lab, length, IGNORE_INDEX) for _, _, lab in selected]),
+        else:
+            chunks.append(
+                _joined(
+                    [tuple(t[r[0] : r[-1] + 1] for t in parts[p]) for p, r in pieces.items()],
+                    pad_id,
+                )
             )
-        )
     return chunks
+
+
+def _joined(selected: list[Part], pad_id: int) -> Part:
+    length = max(inputs.shape[1] for _, inputs, _ in selected)
+    return (
+        torch.cat([f for f, _, _ in selected]),
+        torch.cat([_pad(i, length, pad_id) for _, i, _ in selected]),
+        torch.cat([_pad(lab, length, IGNORE_INDEX) for _, _, lab in selected]),
+    )
 
 
 def _pad(tokens: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -389,9 +409,15 @@ class Accumulator:
             _restore_rng(rng, self.info.device)  # the redone step draws the same dropout
 
     def _attempt(self, parts, forward, backward):
-        chunks = split_micro_batches(parts, self.micro_batch, self.pad_id)
+        loader_batch = self.choice.windows // len(parts)
+        chunks = split_micro_batches(parts, self.micro_batch, self.pad_id, loader_batch)
         summed_total, tokens_total = 0.0, 0
-        for index, (features, inputs, labels) in enumerate(chunks):
+        for index, chunk in enumerate(chunks):
+            # A micro-batch with no windows (short batches at an epoch's end) still runs, on one
+            # window at zero weight: every rank must go through the same passes (DDP's
+            # all-reduce is in the last; the out-of-memory agreement follows each).
+            empty = chunk is None
+            features, inputs, labels = tuple(t[:1] for t in parts[0]) if empty else chunk
             micro = MicroBatch(features, inputs, labels, index, len(chunks))
             synced = micro.last or self.ddp is self.model
             with nullcontext() if synced else self.ddp.no_sync():
@@ -399,6 +425,8 @@ class Accumulator:
                 self._current = micro
                 try:
                     loss, summed, count = forward(micro)
+                    if empty:
+                        loss, summed, count = loss * 0.0, summed * 0.0, count * 0
                 except torch.OutOfMemoryError:
                     failed = True
                 self._current = None
