@@ -29,8 +29,10 @@ def test_defaults_are_the_two_16_gb_gpu_configuration():
     trainer.plan finds to fit a 16 GB card: 2 x accumulation 12 with ZeRO-1."""
     config = TrainConfig()
     assert config.model.name_or_path == "openai/whisper-large-v3-turbo"
-    assert config.data.batch_size * config.optim.grad_accum * 2 == 48
-    assert config.data.batch_size == 2 and config.optim.zero1
+    # the micro-batch is fitted to the card; the windows per step are the reference batch's
+    assert config.data.batch_size == "auto"
+    assert config.fit.reference_batch_size * config.optim.grad_accum * 2 == 48
+    assert config.fit.reference_batch_size == 2 and config.optim.zero1
     assert config.optim.lr == 1e-5 and config.optim.warmup_steps > 0
     assert config.optim.precision == "auto"  # fp16 + GradScaler on CUDA
     assert config.model.gradient_checkpointing

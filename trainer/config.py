@@ -29,6 +29,7 @@ from typing import Any
 from trainer.checkpoint import CheckpointConfig
 from trainer.data import DataConfig
 from trainer.evaluate import EvalConfig
+from trainer.fit import FitConfig
 from trainer.metrics import LogConfig
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
@@ -41,6 +42,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
     "log": LogConfig,
+    "fit": FitConfig,
 }
 
 # Extra names of a field, for the command line and the environment. `--model` is what
@@ -72,6 +74,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -80,6 +83,7 @@ class TrainConfig:
             raise ValueError("no shards: pass --shards or set SHARDS_DIR")
         self.data.validate()
         self.optim.validate()
+        self.fit.validate(self.data.batch_size, self.data.bucket_buffer)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,9 +101,14 @@ def _convert(text: str, kind: Any, name: str) -> Any:
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text.strip().lower() in ("none", "null", ""):
+        if type(None) in typing.get_args(kind) and text.strip().lower() in ("none", "null", ""):
             return None
-        return _convert(text, args[0], name)
+        for option in args[:-1]:  # int | str: a number if it is one (`--batch-size auto`)
+            try:
+                return _convert(text, option, name)
+            except ValueError:
+                pass
+        return _convert(text, args[-1], name)
     if origin is list:
         (item,) = typing.get_args(kind)
         return [_convert(part.strip(), item, name) for part in text.split(",") if part.strip()]

@@ -56,10 +56,12 @@ class DataConfig:
     )
     train_split: str = _help("split to train on (a subfolder of `shards`)", default="train")
     eval_split: str = _help("split to evaluate on (a subfolder of `shards`)", default="test")
-    batch_size: int = _help(
-        "samples (packed: windows) per device per micro-step; 2 x grad_accum 12 is what "
+    batch_size: int | str = _help(
+        "samples (packed: windows) per device per micro-step, or auto: the largest that fits "
+        "the card, measured at setup, with the windows per step of fit.reference_batch_size "
+        "(trainer/fit.py; on the CPU auto is the reference batch). 2 x grad_accum 12 is what "
         "trainer.plan finds to fit turbo on a 16 GB GPU",
-        default=2,
+        default="auto",
     )
     num_workers: int = _help(
         "DataLoader worker processes per rank (0 = load in the training process)", default=2
@@ -111,9 +113,12 @@ class DataConfig:
         return storage.local_split(location, self.shard_cache or None, progress)
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.bucket_buffer < 1:
+        auto = self.batch_size == "auto"  # resolved by trainer/fit.py
+        if not auto and (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool)):
+            raise ValueError(f"batch_size must be a whole number or auto, not {self.batch_size!r}")
+        if self.bucket_buffer < 1 or (not auto and self.batch_size < 1):
             raise ValueError("batch_size and bucket_buffer must be at least 1")
-        if self.bucket_buffer % self.batch_size:
+        if not auto and self.bucket_buffer % self.batch_size:
             raise ValueError(
                 f"bucket_buffer {self.bucket_buffer} is not a multiple of batch_size "
                 f"{self.batch_size}: a full buffer must cut into whole batches for exact resume"

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shard_builder import contract
 from shard_builder.storage import ShardFetchError
 from trainer import checkpoint as ckpt
-from trainer import distributed
+from trainer import distributed, fit
 from trainer.config import TrainConfig, write_config
 from trainer.data import TrainData, check_split, pad_features_to_full
 from trainer.distributed import Dist
@@ -85,6 +84,7 @@ class Run:
     total_steps: int
     state: TrainState
     hooks: dict[str, int]
+    fit: fit.Accumulator  # one optimiser step in micro-batches that fit the card
 
 
 def main(config: TrainConfig) -> int:
@@ -180,6 +180,8 @@ def setup(config: TrainConfig) -> Run:
         random.seed(config.seed + info.rank)
         np.random.seed(config.seed + info.rank)
         torch.manual_seed(config.seed + info.rank)
+    resumed_micro_batch = training.get("micro_batch_size") if training else None
+    choice = fit.fit_micro_batch(config, info, model, optimizer, precision, resumed_micro_batch)
 
     if info.is_main:
         write_config(config, run_dir / "config.json")
@@ -191,13 +193,15 @@ def setup(config: TrainConfig) -> Run:
             sum(p.numel() for p in trainable) / 1e6,
             precision,
             info.world_size,
-            config.data.batch_size,
-            config.optim.grad_accum,
-            info.world_size * config.data.batch_size * config.optim.grad_accum,
+            choice.micro_batch,
+            choice.accumulation,
+            info.world_size * choice.windows,
             train_data.batches_per_epoch(),
             total_steps,
         )
-    hooks = {name: int(os.environ[name]) for name in (INF_HOOK, KILL_HOOK) if name in os.environ}
+        logger.info("batch: %s", choice.describe(info.world_size))
+    names = (INF_HOOK, KILL_HOOK, fit.OOM_HOOK)
+    hooks = {name: int(os.environ[name]) for name in names if name in os.environ}
     return Run(
         config,
         info,
@@ -216,6 +220,9 @@ def setup(config: TrainConfig) -> Run:
         total_steps,
         state,
         hooks,
+        fit.Accumulator(
+            choice, info, ddp, model, model.config.pad_token_id, logger, hooks.get(fit.OOM_HOOK)
+        ),
     )
 
 
@@ -234,15 +241,16 @@ def zero_gradients(optimizer, under_ddp: bool) -> None:
 
 def make_train_data(config, split: Path, info, tokenizer, frames: int, model_config):
     """Samples one by one (TrainData) or packed into full windows (PackedTrainData)."""
+    data = fit.loader_data_config(config)  # batch_size auto: the reference batch
     if not config.data.pack:
-        return TrainData(split, config.data, info.rank, info.world_size)
+        return TrainData(split, data, info.rank, info.world_size)
     targets = WindowTargets(
         tokenizer, config.model.language, config.model.task, model_config.max_target_positions
     )
     progress = info.is_main and config.log.progress
     cache = Path(config.output_dir) / "pack-index"
     return PackedTrainData(
-        split, config.data, info.rank, info.world_size, targets, frames, progress, cache
+        split, data, info.rank, info.world_size, targets, frames, progress, cache
     )
 
 
@@ -304,14 +312,28 @@ def train(run: Run) -> None:
     start_step = state.step
     peaks = PhasePeaks(run.run_dir, info.rank, info.device, session_start=state.step)
 
+    def forward(micro: fit.MicroBatch):
+        with autocast(run.precision, info.device):
+            logits = run.ddp(input_features=micro.features, decoder_input_ids=micro.inputs).logits
+        summed, count = token_loss(logits, micro.labels)
+        loss = summed / count.clamp(min=1) / micro.accumulation
+        if micro.last and info.is_main and run.hooks.get(INF_HOOK) == state.step + 1:
+            loss = loss * float("inf")  # test hook: an overflow on one rank only
+        return loss, summed, count
+
+    def backward(loss: torch.Tensor, micro: fit.MicroBatch) -> None:
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        if micro.index == 0 and info.is_main and run.hooks.get(KILL_HOOK) == state.step + 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-step
+
     if config.eval.eval_at_start and state.step == 0:
         with peaks.phase("evaluation", state.step):
             evaluate(run)
 
     while state.step < run.total_steps:
         step_started = time.perf_counter()
-        loss_sum, tokens, samples, keys = 0.0, 0, 0, []
-        for micro in range(accum):
+        parts, keys = [], []
+        for _ in range(accum):  # one optimiser step's loader batches, split by run.fit
             waited = time.perf_counter()
             # DataLoader draws its worker seed from the global torch RNG whenever an epoch's
             # loader starts; fork so dropout's stream does not depend on where a run resumed.
@@ -319,23 +341,9 @@ def train(run: Run) -> None:
                 epoch, index, per_epoch, batch = next(stream)
             window.data_wait += time.perf_counter() - waited
             keys.extend(batch["keys"])
-            features, inputs, labels = model_inputs(batch, info.device, run.window_frames, pad_id)
-            last_micro = micro == accum - 1
-            # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-            sync = nullcontext() if last_micro or run.ddp is run.model else run.ddp.no_sync()
-            with sync:
-                with autocast(run.precision, info.device):
-                    logits = run.ddp(input_features=features, decoder_input_ids=inputs).logits
-                summed, count = token_loss(logits, labels)
-                loss = summed / count.clamp(min=1) / accum
-                if last_micro and info.is_main and run.hooks.get(INF_HOOK) == state.step + 1:
-                    loss = loss * float("inf")  # test hook: an overflow on one rank only
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
-            if micro == 0 and info.is_main and run.hooks.get(KILL_HOOK) == state.step + 1:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-step
-            loss_sum += summed.item()
-            tokens += int(count.item())
-            samples += len(batch["keys"])
+            parts.append(model_inputs(batch, info.device, run.window_frames, pad_id))
+        loss_sum, tokens = run.fit.run(state.step + 1, parts, forward, backward)
+        samples = len(keys)
         # The position of the next batch is what a checkpoint after this step must restore.
         state.epoch, state.batch_in_epoch = (
             (epoch + 1, 0) if index + 1 >= per_epoch else (epoch, index + 1)
@@ -607,6 +615,7 @@ def save_checkpoint(run: Run) -> None:
             "data_signature": run.train_data.order_signature(),
             "world_size": info.world_size,
             "precision": run.precision,
+            "micro_batch_size": run.fit.micro_batch,  # a resume starts from it (trainer/fit.py)
         }
         folder = ckpt.save_checkpoint(
             run.run_dir,

@@ -58,6 +58,7 @@ import torch
 from shard_builder import storage
 from shard_builder.contract import ContractError
 from trainer.config import TrainConfig, build_parser, read_environment, resolve_layers
+from trainer.fit import loader_data_config
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
 from trainer.optim import autocast, resolve_precision
 
@@ -230,6 +231,7 @@ def resolve(
     )
     train_samples = args.pop("train_samples")
     config = resolve_layers(args, environ)
+    config.data = loader_data_config(config)  # batch_size auto: plan the reference batch
     config.data.validate()
     config.optim.validate()
     if options.world_size < 1 or not 0 < options.utilization <= 1:
