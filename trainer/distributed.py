@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer import gpu
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -41,11 +43,8 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Di
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)  # before init: NCCL binds the communicator to it
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device(device)
+    # The GPU is made current before init: NCCL binds its communicator to it.
+    torch_device = gpu.select_cuda_device(local_rank) if device == "cuda" else torch.device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(
