@@ -38,6 +38,8 @@ from trainer.model import (
     window_frames,
 )
 from trainer.optim import (
+    OptimConfig,
+    build_scheduler,
     lr_factor,
     optimizer_checkpoint_state,
     restore_optimizer,
@@ -280,30 +282,35 @@ def _trainer_pieces(rank: int):
     optimizer = ZeroRedundancyOptimizer(
         trainable, optimizer_class=torch.optim.AdamW, lr=1e-3, fused=True
     )
-    return info, model, processor, ddp, optimizer
+    scheduler = build_scheduler(optimizer, OptimConfig(lr=1e-3, warmup_steps=0), total_steps=4)
+    return info, model, processor, ddp, optimizer, scheduler
 
 
 def _resume_rank(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        info, model, processor, ddp, optimizer = _trainer_pieces(rank)
+        info, model, processor, ddp, optimizer, scheduler = _trainer_pieces(rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        built = _storages(p.grad for p in trainable)  # the buckets, before any backward
+        exist = all(p.grad is not None for p in trainable)
+        built = _storages(p.grad for p in trainable if p.grad is not None)  # before backward
         with ddp.no_sync():
             _micro_batch(ddp, seed=rank)
         after_no_sync = _storages(p.grad for p in trainable)
         _micro_batch(ddp, seed=10 + rank)
         optimizer.step()
         zero_gradients(optimizer, under_ddp=True)
+        scheduler.step()  # the lr of step 2 is in ZeRO's wrapper, not yet in its inner optimiser
         folder = ckpt.save_checkpoint(
             info, run_dir, 1, model, processor, optimizer_checkpoint_state(optimizer), True,
             {"step": 1}, [], {},
         )  # fmt: skip
 
         # a resumed rank: weights and this rank's shard from the checkpoint
-        _, resumed_model, _, resumed_ddp, resumed = _trainer_pieces(rank)
+        _, resumed_model, _, resumed_ddp, resumed, resumed_scheduler = _trainer_pieces(rank)
         ckpt.load_model_weights(resumed_model, folder)
         restore_optimizer(resumed, *ckpt.load_optimizer_state(folder, rank, 2))
+        resumed_scheduler.load_state_dict(scheduler.state_dict())
+        same_lr = resumed.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
         pairs = [
             (param, resumed.optim.state[param], optimizer.optim.state[original])
             for group, original_group in zip(
@@ -333,7 +340,7 @@ def _resume_rank(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
         )
 
         # zero1 switched on over a checkpoint with one whole AdamW state (or an older one)
-        _, _, _, _, switched = _trainer_pieces(rank)
+        switched = _trainer_pieces(rank)[4]
         whole = torch.optim.AdamW(trainable, lr=1e-3)
         for param in trainable:
             param.grad = torch.ones_like(param)
@@ -342,12 +349,14 @@ def _resume_rank(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(
             json.dumps(
                 {
+                    "grads_exist_before_backward": exist,
                     "built": list(built.values()),
                     "no_sync_same_storages": after_no_sync == built,
                     "optimizer_bytes": resumed_bytes,
                     "wrapper_state": len(resumed.state),
                     "placement_ok": placement_ok,
                     "values_equal": values_equal,
+                    "same_lr": same_lr,
                     "same_after_step": same_after_step,
                     "switched_bytes": _optimizer_bytes(switched),
                     "switched_wrapper_state": len(switched.state),
@@ -376,11 +385,13 @@ def test_zero1_resume_holds_exactly_the_plans_share_and_gradients_start_in_bucke
         "optimizer-rank1-of-2.pt",
     ]
     for rank, held in enumerate(ranks):
+        assert held["grads_exist_before_backward"]
         assert len(held["built"]) <= 4, "gradients are not bucket views from the start"
         assert sum(held["built"]) == predicted["gradients"]
         assert held["no_sync_same_storages"], "the first no_sync backward allocated new grads"
         assert held["optimizer_bytes"] == predicted["optimizer_per_rank"][rank], rank
         assert held["wrapper_state"] == 0
-        assert held["placement_ok"] and held["values_equal"] and held["same_after_step"]
+        assert held["placement_ok"] and held["values_equal"]
+        assert held["same_lr"] and held["same_after_step"]
         assert held["switched_bytes"] == predicted["optimizer_per_rank"][rank], rank
         assert held["switched_wrapper_state"] == 0

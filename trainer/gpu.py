@@ -26,7 +26,7 @@ def configure_allocator(environ: MutableMapping[str, str] = os.environ) -> str:
     for name in ALLOC_CONF_NAMES:
         if name in environ:
             return f"{name}={environ[name]} (set by you)"
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # (a flag: asking it initialises nothing)
         return "CUDA was initialised before the trainer could set expandable_segments"
     environ[ALLOC_CONF_NAMES[0]] = EXPANDABLE_SEGMENTS
     return f"{ALLOC_CONF_NAMES[0]}={EXPANDABLE_SEGMENTS}"
@@ -64,8 +64,12 @@ def select_cuda_device(local_rank: int) -> torch.device:
 
 def check_bf16(device: torch.device) -> None:
     """bf16 autocast on a card without bfloat16 units is emulated at a fraction of the speed, or
-    fails inside a kernel; refuse it at setup instead."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    fails inside a kernel; refuse it at setup instead. (Asks the current device, which the
+    trainer has made this one; without CUDA there is no card to ask: trainer.plan plans for one.)
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
             f"--precision bf16, but {torch.cuda.get_device_name(device)} (compute capability "

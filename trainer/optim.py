@@ -162,7 +162,16 @@ def optimizer_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, An
     Never ZeroRedundancyOptimizer.consolidate_state_dict: it sends every share to one rank as a
     byte tensor on the GPU and loads it there again, the whole state on one card.
     """
+    if is_sharded(optimizer):
+        # ZeRO hands the wrapper's hyperparameters (the lr the scheduler set after the last
+        # step) to the inner optimiser only at the next step: hand them over before saving.
+        _copy_hyperparameters(optimizer.param_groups, optimizer.optim.param_groups)
     return local_optimizer(optimizer).state_dict()
+
+
+def _copy_hyperparameters(source_groups: list[dict], target_groups: list[dict]) -> None:
+    for source, target in zip(source_groups, target_groups, strict=True):
+        target.update({key: value for key, value in source.items() if key != "params"})
 
 
 def restore_optimizer(
@@ -194,8 +203,7 @@ def restore_optimizer(
         inner.load_state_dict(inner.state_dict())  # `step` back where the kernel wants it
     # The scheduler sets the lr in the wrapper's groups, which ZeRO copies into the inner
     # optimiser at every step: the wrapper must carry the restored values.
-    for source, target in zip(inner.param_groups, optimizer.param_groups, strict=True):
-        target.update({key: value for key, value in source.items() if key != "params"})
+    _copy_hyperparameters(inner.param_groups, optimizer.param_groups)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
