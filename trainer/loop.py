@@ -408,7 +408,7 @@ def train(run: Run) -> None:
                 + "\n"
             )
         scale = run.scaler.get_scale() if run.scaler is not None else None
-        check_overflow(state.step, state.consecutive_skips, scale, config.optim)
+        check_overflow(state.step + int(found_inf), state.consecutive_skips, scale, config.optim)
 
         window.add(
             loss_sum,
