@@ -282,3 +282,18 @@ def test_gradient_checkpointing_recomputes_the_layers():
         summed, count_ = token_loss(logits, labels)
         summed.backward()
     assert calls == {True: 2, False: 1}
+
+
+def test_batches_are_pinned_only_for_a_gpu_run(demo_shards, monkeypatch):
+    """Keyed on the run's device: a CPU run on a machine that has a GPU pins nothing."""
+    from trainer.distributed import Dist
+    from trainer.loop import make_train_data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU exists ...
+    config = load_config([*BASE, "--pack", "false", "--num-workers", "0"], environ={})
+    assert config.data.pin_memory
+    cpu_run = make_train_data(config, demo_shards / "train", Dist(), None, 500, None)
+    assert cpu_run.batches(0).pin_memory is False  # ... but this run is on the CPU
+    gpu_info = Dist(device=torch.device("cuda", 0))
+    gpu_run = make_train_data(config, demo_shards / "train", gpu_info, None, 500, None)
+    assert gpu_run.batches(0).pin_memory is True
