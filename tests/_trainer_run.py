@@ -114,17 +114,21 @@ def _free_port() -> int:
 
 
 def sample_log(run_dir: Path, rank: int) -> dict[int, dict]:
-    """step -> entry of RUN/debug/samples-rank<R>.jsonl; a resumed run's entry wins."""
+    """iteration -> entry of RUN/debug/samples-rank<R>.jsonl; a resumed run's entry wins.
+
+    An iteration is one pass of grad_accum micro-batches: a step, or a skipped attempt at one
+    (which leaves `step` where it was). Without skips the two numbers are the same."""
     path = Path(run_dir) / "debug" / f"samples-rank{rank}.jsonl"
     if not path.exists():
         return {}
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {entry["step"]: entry for entry in entries}
+    return {entry.get("iteration", entry["step"]): entry for entry in entries}
 
 
 def last_step(run_dir: Path, rank: int) -> int | None:
-    steps = sample_log(run_dir, rank)
-    return max(steps) if steps else None
+    """The optimiser step the last logged iteration ended at."""
+    entries = sample_log(run_dir, rank)
+    return entries[max(entries)]["step"] if entries else None
 
 
 def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -137,3 +141,21 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int = 2, seconds: float = 180) -> None:
+    """Run fn(rank, *args) in `nprocs` spawned processes; fail (instead of hanging CI) naming
+    the ranks still running after `seconds`. A rank's exception fails the caller too."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            alive = [i for i, p in enumerate(context.processes) if p.exitcode is None]
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks {alive} still running after {seconds} s: killed")

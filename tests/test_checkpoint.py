@@ -10,6 +10,7 @@ import torch
 
 from tests._trainer_run import TINY_MODEL, run_trainer, weights
 from trainer import checkpoint as ckpt
+from trainer.distributed import Dist
 from trainer.model import ModelConfig, load_model
 
 
@@ -30,13 +31,15 @@ def _save(run_dir, step, model, processor, best_step=-1):
         "scaler": {},
     }
     return ckpt.save_checkpoint(
+        Dist(),  # one process: rank 0 of 1
         run_dir,
         step,
         model,
         processor,
         optimizer.state_dict(),
+        False,
         state,
-        [ckpt.capture_rng()],
+        [ckpt.capture_rng(torch.device("cpu"))],
         {"note": "test"},
     )
 
@@ -45,9 +48,10 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     model, processor = tiny
     folder = _save(tmp_path, 7, model, processor)
     assert folder.name == "step-7" and ckpt.latest_checkpoint(tmp_path) == folder
-    training, optimizer, rng = ckpt.load_training_files(folder)  # weights_only=True
-    assert training["step"] == 7 and training["batch_in_epoch"] == 7
-    assert "state" in optimizer and len(rng) == 1
+    training, rng = ckpt.load_training_files(folder)  # weights_only=True
+    assert training["step"] == 7 and training["batch_in_epoch"] == 7 and len(rng) == 1
+    optimizer, is_shard = ckpt.load_optimizer_state(folder, 0, 1)
+    assert "state" in optimizer and not is_shard
     again, _ = load_model(
         ModelConfig(name_or_path=str(TINY_MODEL), init_seed=1, gradient_checkpointing=False)
     )
@@ -61,10 +65,12 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
 
 
 def test_rng_states_restore_exactly():
-    state = ckpt.capture_rng()
+    cpu = torch.device("cpu")
+    state = ckpt.capture_rng(cpu)
+    assert state["cuda"] == []  # keyed on the run's device, not on whether CUDA exists
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.random(), np.random.rand(), torch.rand(3)
-    ckpt.restore_rng(state)
+    ckpt.restore_rng(state, cpu)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
@@ -94,7 +100,7 @@ def test_killed_checkpoint_write_leaves_previous_one_loadable(demo_shards, tmp_p
     assert not (partial / "training.pt").exists(), "the hook should fire mid-write"
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
     previous = ckpt.latest_checkpoint(run_dir)
-    training, _, _ = ckpt.load_training_files(previous)
+    training, _ = ckpt.load_training_files(previous)
     assert training["step"] == 2
     assert weights(previous)  # safetensors loads
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer import gpu_sharing, plan
+from trainer.gpu import cuda_device_index
 from trainer.memory_phases import PhasePeaks, read_records
 
 
@@ -90,10 +91,11 @@ def test_gpu_sharing_backend_device_and_fraction():
     with pytest.raises(ValueError, match="nccl needs CUDA"):
         gpu_sharing.process_group_backend(cpu, {"TRAINER_DIST_BACKEND": "nccl"})
 
-    assert [gpu_sharing.cuda_index(rank, 2, "nccl") for rank in (0, 1)] == [0, 1]
-    assert [gpu_sharing.cuda_index(rank, 1, "gloo") for rank in (0, 1, 2)] == [0, 0, 0]
-    with pytest.raises(ValueError, match="LOCAL_RANK 1 but only 1 CUDA device"):
-        gpu_sharing.cuda_index(1, 1, "nccl")
+    assert [cuda_device_index(rank, 2, "nccl") for rank in (0, 1)] == [0, 1]
+    assert [cuda_device_index(rank, 2, "gloo") for rank in (0, 1, 2, 3)] == [0, 1, 0, 1]
+    assert [cuda_device_index(rank, 1, "gloo") for rank in (0, 1, 2)] == [0, 0, 0]
+    with pytest.raises(ValueError, match="LOCAL_RANK 2 but only 2 GPUs"):
+        cuda_device_index(2, 2, "nccl")
 
     assert gpu_sharing.memory_fraction({}) is None
     assert gpu_sharing.memory_fraction({"TRAINER_MEMORY_FRACTION": "0.25"}) == 0.25

@@ -1,5 +1,6 @@
-"""The trainer's pieces: configuration layers, targets, loss, schedule, guard (no processes but
-one short run of the entry point, for the warm-up warning)."""
+"""The trainer's pieces: configuration layers, targets, loss, schedule, guard, the CUDA device
+helpers (no GPU needed), and three short runs of the entry point: the warm-up warning, and
+gradient checkpointing on and off."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import tomllib
 import pytest
 import torch
 
-from tests._trainer_run import REPO, run_trainer
+from tests._trainer_run import REPO, metrics, run_trainer, weights
 from trainer.config import SECTIONS, TrainConfig, build_parser, load_config
+from trainer.gpu import configure_allocator, cuda_device_index, memory_metrics, memory_reading
 from trainer.model import decoder_inputs_and_labels, token_loss
 from trainer.optim import (
     OptimConfig,
     TrainingDiverged,
     check_overflow,
     lr_factor,
+    resolve_precision,
     warmup_warning,
 )
 
@@ -189,3 +192,110 @@ def test_grad_scaler_skips_an_inf_step_and_backs_off():
     scaler.step(optimizer)
     scaler.update()
     assert torch.equal(layer.weight, before) and scaler.get_scale() == 2.0**7
+
+
+def test_each_process_finds_its_gpu_among_the_visible_ones():
+    assert cuda_device_index(local_rank=1, visible=2) == 1
+    # one GPU visible per process (per-rank CUDA_VISIBLE_DEVICES, a scheduler's binding)
+    assert cuda_device_index(local_rank=3, visible=1) == 0
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2 but only 2 GPUs .*nproc_per_node=2"):
+        cuda_device_index(local_rank=2, visible=2)
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        cuda_device_index(local_rank=0, visible=0)
+
+
+def test_allocator_gets_expandable_segments_unless_the_user_chose():
+    environ: dict[str, str] = {}
+    assert configure_allocator(environ) == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        chosen = {name: "max_split_size_mb:128"}
+        assert "set by you" in configure_allocator(chosen)
+        assert chosen == {name: "max_split_size_mb:128"}
+
+
+def test_bf16_on_a_card_without_it_is_refused_naming_the_card(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"bf16, but Tesla T4 \(compute capability 7.5\).*fp16"):
+        resolve_precision("bf16", torch.device("cuda", 0))
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # CPU autocast has bf16
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
+
+
+def test_memory_of_every_rank_is_reported():
+    readings = [{"allocated": 10.0, "reserved": 12.5}, {"allocated": 11.0, "reserved": 11.5}]
+    assert memory_metrics(readings) == {
+        "gpu_memory_gb": 11.0,
+        "gpu_reserved_gb": 12.5,
+        "rank0/gpu_allocated_gb": 10.0,
+        "rank0/gpu_reserved_gb": 12.5,
+        "rank1/gpu_allocated_gb": 11.0,
+        "rank1/gpu_reserved_gb": 11.5,
+    }
+    assert memory_metrics([{}, {}]) == {}  # not on CUDA
+    assert memory_reading(torch.device("cpu")) == {}
+
+
+def test_gradient_checkpointing_trains_the_same_model(demo_shards, tmp_path):
+    """The default for turbo, run through the trainer: recomputing the layers in the backward
+    (non-reentrant, RNG state preserved, dropout on) gives the same loss and the same weights,
+    bit for bit on the CPU."""
+    args = ("--max-steps", "1", "--eval-every", "0", "--dropout", "0.1", "--eval-limit", "2")
+    runs = {}
+    for checkpointing in ("true", "false"):
+        run_dir = tmp_path / checkpointing
+        result = run_trainer(
+            1, demo_shards, run_dir, *args, "--gradient-checkpointing", checkpointing
+        )
+        assert result.returncode == 0, result.stdout[-3000:]
+        runs[checkpointing] = (metrics(run_dir), weights(run_dir / "checkpoints" / "step-1"))
+    (on_rows, on_weights), (off_rows, off_weights) = runs["true"], runs["false"]
+    assert [row["loss"] for row in on_rows] == [row["loss"] for row in off_rows]
+    for name, tensor in on_weights.items():
+        assert torch.equal(tensor, off_weights[name]), name
+
+
+def test_gradient_checkpointing_recomputes_the_layers():
+    """What the test above switches on really recomputes: each layer runs twice."""
+    from tests._trainer_run import TINY_MODEL
+    from trainer.model import ModelConfig, load_model, window_frames
+
+    calls = {True: 0, False: 0}
+    for checkpointing in (True, False):
+        model, _ = load_model(
+            ModelConfig(name_or_path=str(TINY_MODEL), gradient_checkpointing=checkpointing)
+        )
+        model.train()
+
+        def count(*_, checkpointing=checkpointing) -> None:
+            calls[checkpointing] += 1
+
+        # (a module inside the layer: transformers checkpoints the layer's forward, so the
+        # layer's own hooks stay outside the recompute)
+        model.model.decoder.layers[0].fc1.register_forward_hook(count)
+        config = model.config
+        features = torch.randn(1, config.num_mel_bins, window_frames(config))
+        tokens = torch.randint(0, config.vocab_size, (1, 6))
+        inputs, labels = decoder_inputs_and_labels(tokens, config.pad_token_id)
+        logits = model(input_features=features, decoder_input_ids=inputs).logits
+        summed, count_ = token_loss(logits, labels)
+        summed.backward()
+    assert calls == {True: 2, False: 1}
+
+
+def test_batches_are_pinned_only_for_a_gpu_run(demo_shards, monkeypatch):
+    """Keyed on the run's device: a CPU run on a machine that has a GPU pins nothing."""
+    from trainer.distributed import Dist
+    from trainer.loop import make_train_data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU exists ...
+    config = load_config([*BASE, "--pack", "false", "--num-workers", "0"], environ={})
+    assert config.data.pin_memory
+    cpu_run = make_train_data(config, demo_shards / "train", Dist(), None, 500, None)
+    assert cpu_run.batches(0).pin_memory is False  # ... but this run is on the CPU
+    gpu_info = Dist(device=torch.device("cuda", 0))
+    gpu_run = make_train_data(config, demo_shards / "train", gpu_info, None, 500, None)
+    assert gpu_run.batches(0).pin_memory is True

@@ -4,12 +4,18 @@ Layout of RUN/checkpoints/step-N/ (everything loads with safetensors or weights_
 
     model.safetensors, config.json, generation_config.json, processor files
                        (a plain Hugging Face folder: evaluate or export any checkpoint)
-    optimizer.pt       AdamW state (consolidated on rank 0 under ZeRO-1)
+    optimizer-rank{R}-of-{W}.pt
+                       under ZeRO-1: each rank's own share of the AdamW state, written by that
+                       rank (the state dict of ZeroRedundancyOptimizer's inner optimiser)
+    optimizer.pt       without ZeRO-1: the whole AdamW state, written by rank 0 (every rank
+                       holds the same one and loads this file)
     training.pt        step, data position, best metric, counters, scheduler, scaler
-    rng.pt             python/numpy/torch/cuda RNG states, one entry per rank
+    rng.pt             python/numpy/torch RNG states and the CUDA state of the rank's own
+                       device, one entry per rank
     state.json         the same counters for humans; run_config.json, the resolved config
 
-The directory is written as RUN/checkpoints/.tmp-step-N, every file fsynced, then renamed; a
+The directory is written as RUN/checkpoints/.tmp-step-N: rank 0 creates it, every rank writes
+and fsyncs its files, a barrier, then rank 0 checks that every shard is there and renames it. A
 crash at any point leaves at most a hidden temporary that the next save or resume removes.
 """
 
@@ -30,11 +36,13 @@ import numpy as np
 import torch
 
 from shard_builder.writer import fsync_dir
+from trainer.distributed import Dist, barrier
 
 log = logging.getLogger("trainer")
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+OPTIMIZER = "optimizer.pt"
 STEP_PATTERN = re.compile(r"^step-(\d+)$")
 CRASH_HOOK = "TRAINER_DEBUG_CRASH_IN_CHECKPOINT"  # tests: SIGKILL mid-write at this step
 
@@ -83,25 +91,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # --- RNG states -------------------------------------------------------------------------------
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states as plain tensors, tuples and ints (weights_only-loadable)."""
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states as plain tensors, tuples and ints (weights_only-loadable).
+
+    CUDA: the state of the run's own device only. get_rng_state_all would cover every visible
+    GPU, and with one GPU visible per process a restore could not map it back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else [],
     }
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # an older checkpoint: one state per visible device
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -132,36 +146,69 @@ def save_hf_folder(model, processor, folder: Path) -> None:
     processor.feature_extractor.to_json_file(str(Path(folder) / "preprocessor_config.json"))
 
 
+def optimizer_shard_file(rank: int, world_size: int) -> str:
+    return f"optimizer-rank{rank}-of-{world_size}.pt"
+
+
 def save_checkpoint(
+    info: Dist,
     run_dir: str | Path,
     step: int,
     model,
     processor,
-    optimizer_state: dict[str, Any],
-    training_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
+    sharded: bool,
+    training_state: dict[str, Any] | None,
     rng_states: list[dict[str, Any]],
-    run_config: dict[str, Any],
+    run_config: dict[str, Any] | None,
 ) -> Path:
-    """Write RUN/checkpoints/step-N atomically (rank 0 only; the caller gathers the rest)."""
+    """Write RUN/checkpoints/step-N atomically; every rank calls this.
+
+    `sharded`: every rank passes its own share of the optimiser state (ZeRO-1) and writes it
+    itself, so no rank ever holds another's; otherwise only rank 0's `optimizer_state` is used.
+    The model, `training_state`, `rng_states` (all ranks') and `run_config` matter on rank 0.
+    """
     final = checkpoints_dir(run_dir) / f"step-{step}"
     temporary = final.parent / f".tmp-step-{step}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_hf_folder(model, processor, temporary)
-    if os.environ.get(CRASH_HOOK) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: die half-way through the write
-    torch.save(optimizer_state, temporary / "optimizer.pt")
-    torch.save(training_state, temporary / "training.pt")
-    torch.save(rng_states, temporary / "rng.pt")
-    human = {k: v for k, v in training_state.items() if not isinstance(v, dict)}
-    (temporary / "state.json").write_text(json.dumps(human, indent=2) + "\n")
-    (temporary / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    _fsync_tree(temporary)
-    if final.exists():  # a checkpoint of the same step from an earlier attempt
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    fsync_dir(final.parent)
+    if info.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    barrier(info)  # the folder exists before any rank writes into it
+    if sharded:
+        _save_synced(optimizer_state, temporary / optimizer_shard_file(info.rank, info.world_size))
+    if info.is_main:
+        save_hf_folder(model, processor, temporary)
+        if os.environ.get(CRASH_HOOK) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die half-way through the write
+        if not sharded:
+            torch.save(optimizer_state, temporary / OPTIMIZER)
+        torch.save(training_state, temporary / "training.pt")
+        torch.save(rng_states, temporary / "rng.pt")
+        human = {k: v for k, v in training_state.items() if not isinstance(v, dict)}
+        (temporary / "state.json").write_text(json.dumps(human, indent=2) + "\n")
+        (temporary / "run_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        _fsync_tree(temporary)
+    barrier(info)  # every rank's shard is written and fsynced: only now may the name appear
+    if info.is_main:
+        expected = (
+            [optimizer_shard_file(r, info.world_size) for r in range(info.world_size)]
+            if sharded
+            else [OPTIMIZER]
+        )
+        missing = [name for name in expected if not (temporary / name).is_file()]
+        if missing:  # a rank wrote somewhere else (a run folder that is not shared?)
+            raise RuntimeError(f"{temporary} lacks {', '.join(missing)} after every rank wrote")
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        fsync_dir(final.parent)
     return final
+
+
+def _save_synced(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def save_best(run_dir: str | Path, model, processor) -> Path:
@@ -199,9 +246,21 @@ def load_model_weights(model, folder: Path) -> None:
     load_model(model, folder / "model.safetensors", strict=True)
 
 
-def load_training_files(folder: Path) -> tuple[dict, dict, list[dict]]:
-    """(training state, optimizer state, per-rank RNG states), all with weights_only=True."""
+def load_training_files(folder: Path) -> tuple[dict, list[dict]]:
+    """(training state, per-rank RNG states), both with weights_only=True."""
     training = torch.load(folder / "training.pt", weights_only=True, map_location="cpu")
-    optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
     rng = torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
-    return training, optimizer, rng
+    return training, rng
+
+
+def load_optimizer_state(folder: Path, rank: int, world_size: int) -> tuple[dict, bool]:
+    """(this rank's optimiser state, whether it is a per-rank ZeRO shard), weights_only=True.
+
+    Read into host memory: the optimiser's own load_state_dict moves each tensor onto its
+    parameter's device, so the device never holds the state twice.
+    """
+    shard = folder / optimizer_shard_file(rank, world_size)
+    path = shard if shard.is_file() else folder / OPTIMIZER
+    if not path.is_file():
+        raise ValueError(f"{folder} holds neither {shard.name} nor {OPTIMIZER}")
+    return torch.load(path, weights_only=True, map_location="cpu"), path == shard

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer import gpu_sharing
+from trainer import gpu, gpu_sharing
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ def setup_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Di
         device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = gpu_sharing.process_group_backend(torch.device(device))
     if device == "cuda":
-        index = gpu_sharing.cuda_index(local_rank, torch.cuda.device_count(), backend)
-        torch.cuda.set_device(index)  # before init: NCCL binds the communicator to it
-        torch_device = torch.device("cuda", index)
+        # The GPU is made current before init: NCCL binds its communicator to it.
+        torch_device = gpu.select_cuda_device(local_rank, backend)
         gpu_sharing.apply_memory_fraction(torch_device)
     else:
         torch_device = torch.device(device)

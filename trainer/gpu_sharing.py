@@ -12,7 +12,7 @@ sets neither):
                                     memory, as it would on the smaller card.
 
 With fewer visible GPUs than ranks on a machine, gloo ranks share them round-robin
-(LOCAL_RANK modulo the device count); NCCL ranks get a clear error instead.
+(LOCAL_RANK modulo the device count, `gpu.cuda_device_index`); NCCL ranks get a clear error.
 """
 
 from __future__ import annotations
@@ -36,20 +36,6 @@ def process_group_backend(device: torch.device, environ=os.environ) -> str:
     if chosen == "nccl" and device.type != "cuda":
         raise ValueError(f"{BACKEND_VARIABLE}=nccl needs CUDA; this rank runs on {device}")
     return chosen
-
-
-def cuda_index(local_rank: int, device_count: int, backend: str) -> int:
-    """The CUDA device of a rank: its local rank, or round-robin when gloo ranks share GPUs."""
-    if device_count < 1:
-        raise ValueError("no CUDA device is visible to this process")
-    if local_rank < device_count:
-        return local_rank
-    if backend != "gloo":
-        raise ValueError(
-            f"LOCAL_RANK {local_rank} but only {device_count} CUDA device(s) visible: NCCL needs "
-            f"one GPU per rank (start fewer ranks, or set {BACKEND_VARIABLE}=gloo to share)"
-        )
-    return local_rank % device_count
 
 
 def memory_fraction(environ=os.environ) -> float | None:

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shard_builder import contract
 from shard_builder.storage import ShardFetchError
 from trainer import checkpoint as ckpt
-from trainer import distributed, fit
+from trainer import distributed, fit, gpu
 from trainer.config import TrainConfig, write_config
 from trainer.data import TrainData, check_split, pad_features_to_full
 from trainer.distributed import Dist
@@ -38,14 +38,17 @@ from trainer.optim import (
     build_optimizer,
     build_scheduler,
     check_overflow,
+    is_sharded,
     make_scaler,
+    optimizer_checkpoint_state,
     resolve_precision,
+    restore_optimizer,
     warmup_warning,
 )
 from trainer.packing import PackedTrainData, WindowTargets, window_features_to_full
 
-# Test hooks (read once at setup): make rank 0's loss infinite on the given optimiser step,
-# or SIGKILL rank 0 half-way through the given step.
+# Test hooks (read once at setup): make rank 0's loss infinite on the first attempt at the given
+# optimiser step, or SIGKILL rank 0 half-way through the given step.
 INF_HOOK = "TRAINER_DEBUG_INF_AT_STEP"
 KILL_HOOK = "TRAINER_DEBUG_KILL_AT_STEP"
 
@@ -109,11 +112,14 @@ def main(config: TrainConfig) -> int:
 
 
 def setup(config: TrainConfig) -> Run:
+    allocator = gpu.configure_allocator()  # before anything initialises CUDA
     info = distributed.setup_distributed(config.device)
     run_dir = Path(config.output_dir)
     logger = RunLogger(run_dir, info.rank, config.log)
     _quiet_transformers()
     logger.info("rank %d of %d on %s", info.rank, info.world_size, info.device)
+    if info.device.type == "cuda" and info.is_main:
+        logger.info("CUDA allocator: %s", allocator)
 
     model, processor = load_model(config.model)
     tokenizer = processor.tokenizer
@@ -142,10 +148,9 @@ def setup(config: TrainConfig) -> Run:
     latest = ckpt.latest_checkpoint(run_dir) if config.checkpoint.resume else None
     if info.is_main:
         ckpt.remove_temporaries(run_dir)
-    rng_states = None
-    optimizer_state = training = None
+    rng_states = training = None
     if latest is not None:
-        training, optimizer_state, rng_states = ckpt.load_training_files(latest)
+        training, rng_states = ckpt.load_training_files(latest)
         _check_same_data_order(training["data_signature"], train_data.order_signature(), latest)
         ckpt.load_model_weights(model, latest)
         state = TrainState(**{k: training[k] for k in asdict(TrainState())})
@@ -169,13 +174,13 @@ def setup(config: TrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     scaler = make_scaler(precision, info.device)
     if latest is not None:
-        optimizer.load_state_dict(optimizer_state)
+        restore_optimizer(optimizer, *ckpt.load_optimizer_state(latest, info.rank, info.world_size))
         scheduler.load_state_dict(training["scheduler"])
         if scaler is not None and training.get("scaler"):
             scaler.load_state_dict(training["scaler"])
         # Last, so nothing above draws from the restored streams.
         restore = rng_states[info.rank % len(rng_states)]
-        ckpt.restore_rng(restore)
+        ckpt.restore_rng(restore, info.device)
     else:
         random.seed(config.seed + info.rank)
         np.random.seed(config.seed + info.rank)
@@ -228,8 +233,16 @@ def setup(config: TrainConfig) -> Run:
 
 def wrap_for_ddp(model: torch.nn.Module, info) -> DistributedDataParallel:
     """DDP whose gradients live in its all-reduce buckets instead of beside them: one fp32
-    copy of the gradients per GPU, not two (3 GiB less per GPU for turbo)."""
-    device_ids = [info.device.index] if info.device.type == "cuda" else None  # may be shared
+    copy of the gradients per GPU, not two (3 GiB less per GPU for turbo).
+
+    DDP turns only gradients that exist when it is built into bucket views; one first created
+    under no_sync is an ordinary tensor beside the bucket until a synchronised backward. So
+    they are created here, as zeros, and zero_gradients keeps them in place.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
@@ -242,6 +255,9 @@ def zero_gradients(optimizer, under_ddp: bool) -> None:
 def make_train_data(config, split: Path, info, tokenizer, frames: int, model_config):
     """Samples one by one (TrainData) or packed into full windows (PackedTrainData)."""
     data = fit.loader_data_config(config)  # batch_size auto: the reference batch
+    # Page-locked batches only help a copy to a GPU: key on the run's device, not on whether
+    # some GPU exists.
+    data = replace(data, pin_memory=data.pin_memory and info.device.type == "cuda")
     if not config.data.pack:
         return TrainData(split, data, info.rank, info.world_size)
     targets = WindowTargets(
@@ -317,7 +333,9 @@ def train(run: Run) -> None:
             logits = run.ddp(input_features=micro.features, decoder_input_ids=micro.inputs).logits
         summed, count = token_loss(logits, micro.labels)
         loss = summed / count.clamp(min=1) / micro.accumulation
-        if micro.last and info.is_main and run.hooks.get(INF_HOOK) == state.step + 1:
+        first_attempt = state.consecutive_skips == 0  # a skipped step is tried again
+        hooked = run.hooks.get(INF_HOOK) == state.step + 1
+        if micro.last and info.is_main and first_attempt and hooked:
             loss = loss * float("inf")  # test hook: an overflow on one rank only
         return loss, summed, count
 
@@ -361,23 +379,29 @@ def train(run: Run) -> None:
         elif not found_inf:
             run.optimizer.step()
         zero_gradients(run.optimizer, under_ddp=run.ddp is not run.model)
-        run.scheduler.step()
-        state.step += 1
-        peaks.step_done(state.step)
+        # A skipped step is not a step: neither the schedule nor the counter moves, so
+        # max_steps counts applied updates and warm-up starts at the first one (fp16 skips the
+        # first few while the GradScaler finds its scale). Its batches are consumed all the same.
+        if not found_inf:
+            run.scheduler.step()
+            state.step += 1
+            peaks.step_done(state.step)
         state.consecutive_skips = state.consecutive_skips + 1 if found_inf else 0
         state.skipped_steps += int(found_inf)
         state.samples_seen += samples * info.world_size
         state.tokens_seen += tokens * info.world_size
         if found_inf:
             run.logger.warning(
-                "step %d: inf/NaN gradients, optimiser step skipped (%d so far)",
-                state.step,
+                "step %d: inf/NaN gradients, optimiser step skipped and tried again with the "
+                "next batches (%d skipped so far)",
+                state.step + 1,
                 state.skipped_steps,
             )
         if sample_log is not None:
             sample_log.write(
                 json.dumps(
                     {
+                        "iteration": state.step + state.skipped_steps,
                         "step": state.step,
                         "keys": keys,
                         "skipped": found_inf,
@@ -387,7 +411,7 @@ def train(run: Run) -> None:
                 + "\n"
             )
         scale = run.scaler.get_scale() if run.scaler is not None else None
-        check_overflow(state.step, state.consecutive_skips, scale, config.optim)
+        check_overflow(state.step + int(found_inf), state.consecutive_skips, scale, config.optim)
 
         window.add(
             loss_sum,
@@ -396,6 +420,8 @@ def train(run: Run) -> None:
             time.perf_counter() - step_started,
             None if found_inf else float(grad_norm),
         )
+        if found_inf:
+            continue  # the same step again: nothing below is due twice
         if bar is not None:
             bar.update(1)
         if state.step % config.log.log_every == 0 or state.step == run.total_steps:
@@ -406,9 +432,9 @@ def train(run: Run) -> None:
                 skipped_steps=state.skipped_steps,
                 epoch=state.epoch,
             )
-            if info.device.type == "cuda":
-                metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.reset_peak_memory_stats()
+            if info.device.type == "cuda":  # the same on every rank: all join the gather
+                readings = distributed.gather_objects(info, gpu.memory_reading(info.device))
+                metrics.update(gpu.memory_metrics(readings))
             run.logger.scalars(state.step, metrics)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
@@ -603,10 +629,11 @@ def evaluate(run: Run) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
+    """Every rank writes its own share of the optimiser state (ZeRO-1); rank 0 the rest."""
     info, state = run.info, run.state
-    if hasattr(run.optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards on rank 0
-        run.optimizer.consolidate_state_dict(to=0)
-    rng_states = distributed.gather_objects(info, ckpt.capture_rng())
+    sharded = is_sharded(run.optimizer)
+    rng_states = distributed.gather_objects(info, ckpt.capture_rng(info.device))
+    training = run_config = None
     if info.is_main:
         training = {
             **asdict(state),
@@ -617,20 +644,25 @@ def save_checkpoint(run: Run) -> None:
             "precision": run.precision,
             "micro_batch_size": run.fit.micro_batch,  # a resume starts from it (trainer/fit.py)
         }
-        folder = ckpt.save_checkpoint(
-            run.run_dir,
-            state.step,
-            run.model,
-            run.processor,
-            run.optimizer.state_dict(),
-            training,
-            rng_states,
-            run.config.to_dict(),
-        )
+        run_config = run.config.to_dict()
+    optimizer_state = optimizer_checkpoint_state(run.optimizer) if sharded or info.is_main else None
+    folder = ckpt.save_checkpoint(
+        info,
+        run.run_dir,
+        state.step,
+        run.model,
+        run.processor,
+        optimizer_state,
+        sharded,
+        training,
+        rng_states,
+        run_config,
+    )
+    if info.is_main:
         keep = {state.best_step} if state.best_step >= 0 else set()
         ckpt.prune_checkpoints(run.run_dir, run.config.checkpoint.keep_last, keep)
         run.logger.info("checkpoint written: %s", folder)
-    distributed.barrier(info)  # nobody races ahead (or exits) while rank 0 writes
+    distributed.barrier(info)  # nobody races ahead (or exits) while rank 0 prunes
 
 
 # --- cleanup ----------------------------------------------------------------------------------

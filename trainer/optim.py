@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from trainer import gpu
+
 
 def _help(text: str, **kwargs: Any):
     return field(metadata={"help": text}, **kwargs)
@@ -66,6 +68,8 @@ class TrainingDiverged(RuntimeError):
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        gpu.check_bf16(device)
     return precision
 
 
@@ -138,6 +142,68 @@ def build_optimizer(
 
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimiser that holds this rank's AdamW state: ZeRO's inner one, or the optimiser."""
+    return optimizer.optim if is_sharded(optimizer) else optimizer
+
+
+def optimizer_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What this rank saves: under ZeRO-1 its own share (the inner optimiser's state dict,
+    indexed by its own parameters), else the whole AdamW state.
+
+    Never ZeroRedundancyOptimizer.consolidate_state_dict: it sends every share to one rank as a
+    byte tensor on the GPU and loads it there again, the whole state on one card.
+    """
+    if is_sharded(optimizer):
+        # ZeRO hands the wrapper's hyperparameters (the lr the scheduler set after the last
+        # step) to the inner optimiser only at the next step: hand them over before saving.
+        _copy_hyperparameters(optimizer.param_groups, optimizer.optim.param_groups)
+    return local_optimizer(optimizer).state_dict()
+
+
+def _copy_hyperparameters(source_groups: list[dict], target_groups: list[dict]) -> None:
+    for source, target in zip(source_groups, target_groups, strict=True):
+        target.update({key: value for key, value in source.items() if key != "params"})
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], is_shard: bool
+) -> None:
+    """Load a checkpoint's optimiser state: every tensor once, on its parameter's device.
+
+    A ZeRO-1 shard goes straight into the inner optimiser, whose own load_state_dict puts each
+    tensor on its parameter's device and dtype and `step` where the kernel needs it (on the
+    device for fused AdamW). ZeroRedundancyOptimizer.load_state_dict is avoided: it moves every
+    `step` to the CPU, which fused AdamW refuses (pytorch/pytorch#124133), and its base-class
+    call leaves a second copy of the state in the wrapper's own `state`, never read.
+    """
+    sharded = is_sharded(optimizer)
+    if is_shard and not sharded:
+        raise ValueError(
+            "this checkpoint holds the AdamW state as per-rank ZeRO-1 shards: resume with "
+            "--zero1 true (the same number of ranks), or start a new run folder"
+        )
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    inner = optimizer.optim
+    if is_shard:
+        inner.load_state_dict(state)
+    else:  # one whole state (zero1 was off, or an older checkpoint): ZeRO picks its share
+        optimizer.load_state_dict(state)
+        optimizer.state.clear()  # the copy ZeRO's base class keeps and never reads
+        inner.load_state_dict(inner.state_dict())  # `step` back where the kernel wants it
+    # The scheduler sets the lr in the wrapper's groups, which ZeRO copies into the inner
+    # optimiser at every step: the wrapper must carry the restored values.
+    _copy_hyperparameters(inner.param_groups, optimizer.param_groups)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
