@@ -353,7 +353,7 @@ def test_two_ranks_fall_back_on_out_of_memory_and_match_a_run_at_the_halved_batc
         "step from the same 4 windows per rank at micro-batch 1 x accumulation 4" in log
     )
     # the checkpoint after the fallback stores it; the one before does not know of it
-    training, _, _ = ckpt.load_training_files(run / "checkpoints" / "step-2")
+    training, _ = ckpt.load_training_files(run / "checkpoints" / "step-2")
     assert training["micro_batch_size"] == 1
     before = run / "checkpoints" / "step-1"
     assert ckpt.load_training_files(before)[0]["micro_batch_size"] == 2
