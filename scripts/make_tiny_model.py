@@ -176,8 +176,10 @@ def tokenizer_config() -> dict:
         "pad_token": "<|endoftext|>",
         # Without this list transformers 5 sees only <|endoftext|> as special and places the
         # first timestamp at all_special_ids[-1] + 1 = 50258, so decode_with_timestamps and
-        # output_offsets read <|startoftranscript|><|de|>... as timestamps.
-        "extra_special_tokens": special_tokens()[1:],
+        # output_offsets read <|startoftranscript|><|de|>... as timestamps. The 4.x name, which
+        # transformers 5 still reads: 4.x takes `extra_special_tokens` for a dict and fails on a
+        # list.
+        "additional_special_tokens": special_tokens()[1:],
         "language": None,
         "task": None,
         "predict_timestamps": False,

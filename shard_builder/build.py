@@ -67,11 +67,13 @@ _worker: dict[str, Any] = {}
 
 def init_worker(config: BuilderConfig, progress: Any = None) -> None:
     import torch
-    from transformers import WhisperFeatureExtractor, WhisperTokenizer
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
 
     torch.set_num_threads(1)  # one process per core scales; threads inside each do not
     feature_extractor = WhisperFeatureExtractor.from_pretrained(config.model)
-    tokenizer = WhisperTokenizer.from_pretrained(config.model)
+    # Not WhisperTokenizer: in transformers 4.x that is the slow tokenizer, which needs the
+    # vocab.json and merges.txt that folders saved by transformers 5 (and the tiny preset) lack.
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
     _worker.update(
         config=config,
         source=open_source(config.dataset, config.revision, columns_of(config)),

@@ -253,6 +253,11 @@ def test_make_tiny_model_script_regenerates_a_loadable_preset(tmp_path):
     committed = json.loads((TINY_MODEL / "tokenizer.json").read_text(encoding="utf-8"))
     fresh = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert fresh["added_tokens"] == committed["added_tokens"]
+    # The committed tokenizer_config.json is the script's, and transformers 4.x (the floor,
+    # scripts/ci_min_versions.sh) loads it: 4.x fails on a list under extra_special_tokens.
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == json.loads((TINY_MODEL / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "extra_special_tokens" not in config
 
 
 @pytest.mark.slow
