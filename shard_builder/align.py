@@ -48,9 +48,12 @@ class Pause:
         return self.stop - self.start
 
     def edges(self) -> tuple[int, int]:
-        """Where the piece before this pause ends and the piece after it starts."""
-        middle = (self.start + self.stop) // 2
-        return min(middle, self.start + PAUSE_KEEP), max(middle, self.stop - PAUSE_KEEP)
+        """Where the piece before this pause ends and the piece after it starts: on the 10 ms
+        grid (so offsets in seconds are exact), inside the pause, at most PAUSE_KEEP from its
+        ends; what lies between is silence, dropped."""
+        left = self.start + min(PAUSE_KEEP, self.length // 2 // HOP_LENGTH * HOP_LENGTH)
+        right = -(-(self.stop - PAUSE_KEEP) // HOP_LENGTH) * HOP_LENGTH
+        return left, max(left, right)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def find_pauses(waveform: np.ndarray, min_pause: float) -> list[Pause]:
             # every sample of frames run_start..index-1 is quiet: the union of their windows
             start = int(starts[run_start])
             stop = int(starts[index - 1]) + FRAME
-            if start > 0 and stop < waveform.size and stop - start >= min_pause * SAMPLING_RATE:
+            inside = run_start > 0 and index < len(starts)  # not the lead-in, not the tail
+            if inside and stop - start >= min_pause * SAMPLING_RATE:
                 pauses.append(Pause(start, stop))
             run_start = None
     return pauses
