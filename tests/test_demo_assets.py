@@ -143,7 +143,7 @@ def test_train_ends_with_long_rows_whose_joints_are_known():
         assert abs(len(audio) / rate - long_row["seconds"]) < 1e-3
         assert len(long_row["pauses"]) == len(long_row["texts"]) - 1
         for start, stop in long_row["pauses"]:
-            assert 0.4 <= stop - start  # at least the joint's silence
+            assert stop - start >= 0.4  # at least the joint's silence
             silence = audio[round(start * rate) + 800 : round(stop * rate) - 800, 0]
             assert np.abs(silence).max() < 0.01  # Vorbis rings faintly 50 ms into it
 

@@ -76,7 +76,9 @@ def test_plan_has_the_fewest_pieces_that_fit_and_cuts_at_the_longest_pauses():
     assert len(bounds) == 3
     assert all(stop - start <= window for start, stop in bounds)
     assert bounds[0][0] == 0 and bounds[-1][1] == 25 * RATE
-    for (_, stop), (start, _), pause in zip(bounds, bounds[1:], [pauses[1], pauses[3]]):
+    for (_, stop), (start, _), pause in zip(
+        bounds[:-1], bounds[1:], [pauses[1], pauses[3]], strict=True
+    ):
         # each cut lies in its pause; a piece keeps at most PAUSE_KEEP of it; only silence goes
         assert pause.start <= stop <= start <= pause.stop
         assert stop - pause.start <= align.PAUSE_KEEP and pause.stop - start <= align.PAUSE_KEEP
@@ -118,7 +120,8 @@ def test_split_gives_every_word_to_exactly_one_piece_in_order():
     assert len(pieces) >= 3 and all(p.stop - p.start <= 4 * RATE for p in pieces)
     assert " ".join(p.text for p in pieces) == text
     for piece in pieces:  # each piece's text is what its audio holds
-        assert len(piece.text.split()) == len(find_pauses(audio[piece.start : piece.stop], 0.05)) + 1
+        word_gaps = find_pauses(audio[piece.start : piece.stop], 0.05)
+        assert len(piece.text.split()) == len(word_gaps) + 1
 
 
 def test_an_unconfident_split_is_refused_never_guessed():
@@ -168,7 +171,8 @@ def test_long_rows_become_pieces_that_fit_and_reassemble_the_transcript(split_sh
     for row_id, pieces in split.items():
         assert [p["piece"] for p in pieces] == list(range(len(pieces)))
         assert {p["num_pieces"] for p in pieces} == {len(pieces)}
-        assert " ".join(p["text"] for p in pieces) == " ".join(rows[row_id]["transkription"].split())
+        transcript = rows[row_id]["transkription"]
+        assert " ".join(p["text"] for p in pieces) == " ".join(transcript.split())
         assert all(0 < p["duration"] <= window for p in pieces)
         offsets = [p["offset"] for p in pieces]
         assert offsets[0] == 0 and offsets == sorted(offsets)
@@ -181,7 +185,7 @@ def test_piece_features_equal_the_extractor_on_the_piece_audio(split_shards):
     pieces = pieces_by_row(split_shards / "train")[row_id]
     waveform = decode_audio(rows[row_id]["audio"]["bytes"])
     starts = [round(p["offset"] * RATE) for p in pieces]
-    for piece, start, following in zip(pieces, starts, [*starts[1:], None]):
+    for piece, start, following in zip(pieces, starts, [*starts[1:], None], strict=True):
         stop = waveform.size if following is None else start + round(piece["duration"] * RATE)
         audio = waveform[start:stop]
         assert abs(audio.size / RATE - piece["duration"]) < 1e-4
@@ -190,7 +194,7 @@ def test_piece_features_equal_the_extractor_on_the_piece_audio(split_shards):
         restored = pad_to_full(mel, piece["pad_value"], expected.shape[1])
         assert np.abs(restored - expected).max() < 1e-3
     # what lies between the pieces was dropped: it must be silence (part of a pause)
-    for piece, start, following in zip(pieces, starts, starts[1:]):
+    for piece, start, following in zip(pieces[:-1], starts[:-1], starts[1:], strict=True):
         gap = waveform[start + round(piece["duration"] * RATE) : following]
         assert gap.size == 0 or np.abs(gap).max() < 0.02
 
@@ -219,7 +223,8 @@ def test_split_shards_pass_the_deep_check_and_a_wrong_count_is_caught(split_shar
 
 
 def test_split_shards_are_byte_identical_for_any_worker_count(split_shards, tmp_path):
-    result = build_shards(tmp_path, TINY_MODEL, "--splits", "train", *NOT_CONFIDENT_ANYWAY, workers=2)
+    extra = ("--splits", "train", *NOT_CONFIDENT_ANYWAY)
+    result = build_shards(tmp_path, TINY_MODEL, *extra, workers=2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert final_files(tmp_path / "train") == final_files(split_shards / "train")
 
@@ -260,9 +265,12 @@ def test_long_audio_reject_is_the_old_behaviour(demo_shards, tmp_path):
     assert manifest["long_audio"] == "reject" and manifest["num_split"] == 0
     # the aligner never ran: the shards are those of the default build, whose aligner refused
     assert manifest["shards"] == load_manifest(demo_shards / "train")["shards"]
-    assert "long_audio" not in json.loads(
-        next((tmp_path / "train" / ".build").glob("*.json")).read_text()
-    )["settings"]
+    assert (
+        "long_audio"
+        not in json.loads(next((tmp_path / "train" / ".build").glob("*.json")).read_text())[
+            "settings"
+        ]
+    )
 
 
 # --- whisper-base as aligner ------------------------------------------------------------------
@@ -278,7 +286,7 @@ def true_pieces_hold(pieces, long_row) -> bool:
     texts, pauses = long_row["texts"], long_row["pauses"]
     joints = [len(" ".join(texts[: i + 1]).split()) for i in range(len(texts) - 1)]
     ends = np.cumsum([len(p.text.split()) for p in pieces])[:-1].tolist()
-    for end, (piece, following) in zip(ends, zip(pieces, pieces[1:])):
+    for end, piece, following in zip(ends, pieces[:-1], pieces[1:], strict=True):
         pause = pauses[joints.index(end)] if end in joints else None
         if pause is None or not pause[0] <= piece.stop / RATE <= following.start / RATE <= pause[1]:
             return False
