@@ -9,10 +9,14 @@ The method, in two steps that never guess:
    a long pause is silence and is dropped, never speech.
 2. **Where to cut the text** comes from the aligner (a Whisper model, `--align-model`), by its
    teacher-forced likelihood. For a piece whose text starts at word `a`, one decoder pass over
-   the remaining words gives, for every word boundary `b`, the score
-   `log P(words[a:b] <|endoftext|> | piece audio)`: Whisper saying "this piece's speech ends
-   here". Whisper's BPE tokens never span a space, so the words' tokens laid end to end are
-   the text's tokens and every boundary is a token boundary.
+   the remaining words on the piece's audio and one on silence give, for every word boundary
+   `b`, the score `sum over the tokens t of words[a:b] of (log P(t | piece) - log P(t | silence))
+   + log P(<|endoftext|> | piece, words[a:b])`. A word the piece holds gains (the audio explains
+   it better than the language prior alone), a word it does not hold gains nothing, and the end
+   token says where the piece's speech ends. (The plain likelihood of `words[a:b]` would favour
+   the shortest text: every token costs.) Whisper's BPE tokens never span a space, so the
+   words' tokens laid end to end are the text's tokens and every word boundary is a token
+   boundary. The last piece takes the remaining words.
 
 A split is kept only when it is confident (`check_confidence`): for every cut the best boundary
 beats every other boundary by `min_margin` nats, and every piece's text, its end token included,
@@ -33,7 +37,7 @@ import numpy as np
 from shard_builder.contract import HOP_LENGTH, SAMPLING_RATE
 
 SILENCE_DB = 35.0  # a frame this far below the clip's loudest frame counts as silence
-FRAME = 400  # 25 ms energy frames ...
+FRAME = 400  # 25 ms energy frames, every 10 ms (HOP_LENGTH)
 PAUSE_KEEP = int(0.2 * SAMPLING_RATE)  # a piece keeps up to 0.2 s of a pause at its edge
 INIT_SEED = 0  # a weightless model folder (the demo preset) is initialised with this seed
 
@@ -118,7 +122,8 @@ def plan_pieces(num_samples: int, pauses: list[Pause], max_samples: int) -> list
                 best[node_b] = candidate
     if final is None:
         raise Unaligned(
-            f"no cut at pauses of {len(pauses)} found keeps every piece within the window"
+            f"no way of cutting at its {len(pauses)} pauses keeps every piece within the window "
+            "(speech without a pause longer than the window?)"
         )
     cuts = final[2][:-1]
     bounds = [0] + [pauses[i].edges()[1] for i in cuts]
