@@ -183,15 +183,24 @@ def aligner() -> Aligner:
     """The worker's aligner, loaded the first time a long clip needs it."""
     if "aligner" not in _worker:
         config: BuilderConfig = _worker["config"]
-        loaded = Aligner(config.aligner_name, config.language, config.task)
-        if loaded.max_samples < _worker["extractor"].max_samples:
-            raise BuildError(
-                f"--align-model {config.aligner_name} hears {loaded.max_samples / SAMPLING_RATE:g}"
-                f" s, less than the {_worker['extractor'].max_samples / SAMPLING_RATE:g} s "
-                "window of --model: its pieces would not fit the aligner"
-            )
-        _worker["aligner"] = loaded
+        _worker["aligner"] = Aligner(config.aligner_name, config.language, config.task)
     return _worker["aligner"]
+
+
+def check_aligner_window(config: BuilderConfig) -> None:
+    """Before any work: the aligner must hear a whole piece, i.e. at least the model's window."""
+    from transformers import WhisperFeatureExtractor
+
+    if config.long_audio != "split":
+        return
+    heard = window_frames(WhisperFeatureExtractor.from_pretrained(config.aligner_name))
+    if heard < _worker["extractor"].max_frames:
+        raise BuildError(
+            f"--align-model {config.aligner_name} hears {heard / 100:g} s, less than the "
+            f"{_worker['extractor'].max_frames / 100:g} s window of --model {config.model}: "
+            "the pieces would not fit the aligner (name another --align-model, or "
+            "--long-audio reject)"
+        )
 
 
 def build_shard(task: ShardTask) -> dict[str, Any]:
@@ -318,6 +327,7 @@ def build(config: BuilderConfig) -> dict[str, dict[str, Any]]:
     """Build every requested split; returns per-split summaries."""
     started = time.perf_counter()
     init_worker(config)  # the main process validates the source and model before any work
+    check_aligner_window(config)
     source = _worker["source"]
     tasks, total_rows, records = [], {}, {}
     for split in config.splits:

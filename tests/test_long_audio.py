@@ -12,6 +12,7 @@ transcript that belongs to another clip is rejected.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from shard_builder.audio import decode_audio
 from shard_builder.check import check_folder
 from shard_builder.contract import load_manifest, npy_from_bytes, piece_of_key
 from shard_builder.features import pad_to_full
-from tests.conftest import DEMO_CORPUS, REPO, TINY_MODEL, build_shards
+from tests.conftest import DEMO_CORPUS, REPO, TINY_MODEL, build_shards, set_window
 from tests.test_builder import read_samples
 from tests.test_builder_faults import KILL_DRIVER, final_files
 
@@ -271,6 +272,17 @@ def test_long_audio_reject_is_the_old_behaviour(demo_shards, tmp_path):
             "settings"
         ]
     )
+
+
+def test_an_aligner_with_a_shorter_window_than_the_model_is_refused_before_any_work(tmp_path):
+    model = tmp_path / "tiny-30s"
+    shutil.copytree(TINY_MODEL, model)
+    set_window(model, 30)
+    out = tmp_path / "out"
+    result = build_shards(out, model, "--align-model", str(TINY_MODEL), "--splits", "train")
+    assert result.returncode == 2
+    assert "hears 5 s, less than the 30 s window" in result.stderr
+    assert not list(out.rglob("*.tar"))
 
 
 # --- whisper-base as aligner ------------------------------------------------------------------
