@@ -135,6 +135,15 @@ def test_an_unconfident_split_is_refused_never_guessed():
         split_clip(audio, "zwei Wörter", CountingAligner(), 4 * RATE, 0.3, 3.0, -2.5)
 
 
+def test_word_boundaries_are_token_boundaries():
+    """The aligner scores words by their tokens laid end to end: they must be the text's."""
+    aligner = align.Aligner(str(TINY_MODEL), "de", "transcribe")
+    text = " ".join(json.loads((DEMO_CORPUS / "long_rows.json").read_text())[0]["texts"])
+    text += " Größe, Maße und 5 € – „Anführungszeichen“?"
+    joined = [t for tokens in aligner.word_tokens(text.split()) for t in tokens]
+    assert joined == aligner.tokenizer.encode(text, add_special_tokens=False)
+
+
 # --- the builder, with the tiny preset as aligner -----------------------------------------------
 
 
