@@ -6,12 +6,15 @@
 # MODEL=/path/to/whisper-base bash scripts/demo.sh  fine-tunes a real pretrained Whisper instead
 # (see docs/benchmarks.md for the WER it reaches). TRAIN_ARGS adds trainer flags, for example
 # TRAIN_ARGS="--pack true" trains on packed 30 s windows with timestamps and prompts.
+# ALIGN_MODEL=/path/to/whisper-base splits the demo's long rows with a real aligner (the tiny
+# preset's random weights are never confident, so by default they are counted rejects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-out/demo}
 MODEL=${MODEL:-}
+ALIGN_MODEL=${ALIGN_MODEL:-}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
@@ -26,7 +29,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "1/6 build shards from demo/corpus for $MODEL"
 "$PYTHON" -m shard_builder --dataset demo/corpus --model "$MODEL" --out "$OUT/shards" \
-    --shard-size 64 --workers 2
+    --shard-size 64 --workers 2 ${ALIGN_MODEL:+--align-model "$ALIGN_MODEL"}
 
 step "2/6 prove the shards whole"
 "$PYTHON" scripts/check_shards.py "$OUT/shards" --deep --workers 2

@@ -56,6 +56,14 @@ SHARE_STEREO = 0.05
 VORBIS_COMPRESSION = 0.7  # soundfile's 0..1 scale; espeak speech stays clean at this level
 
 LONG_CLIP_MIN_SECONDS = 32.0
+# Long rows appended to train after the bad rows, kept (split at pauses) by the shard builder:
+# utterances of one voice joined by short silences, the joints recorded in LONG_ROWS_NAME.
+N_LONG_ROWS = 4
+LONG_ROW_SECONDS = (31.0, 55.0)
+JOINT_SILENCE_SECONDS = (0.4, 1.0)
+LONG_ROWS_SEED_OFFSET = 1  # their own generator: the rows before them stay byte for byte
+LONG_ROWS_NAME = "long_rows.json"
+SPEECH_LEVEL = 1e-3  # |sample| above this is speech when the true joints are measured
 HF_FEATURES = {
     "audio": {"sampling_rate": TARGET_RATE, "_type": "Audio"},
     "transkription": {"dtype": "string", "_type": "Value"},
@@ -312,6 +320,112 @@ def bad_rows(
     return rows
 
 
+@dataclass
+class LongRow:
+    row: Row
+    texts: list[str]  # the utterances' transcripts, in order
+    pauses: list[tuple[float, float]]  # seconds: each joint's silence, speech end to speech start
+
+
+def long_row(
+    texts: list[str], voice: str, speed: int, pitch: int, silences: list[float], path: str
+) -> LongRow:
+    """Utterances of one voice joined by the given silences (seconds), at 16 kHz, Ogg Vorbis.
+
+    A joint's true pause runs from the last sample above SPEECH_LEVEL of one utterance to the
+    first of the next, so espeak-ng's own lead-in and trailing silence count as pause.
+    """
+    clips = [
+        soxr.resample(synthesize(Utterance(t, voice, speed, pitch)), ESPEAK_RATE, TARGET_RATE)
+        for t in texts
+    ]
+    clips = [clip.astype(np.float32) for clip in clips]
+    parts, pauses, offset, pause_start = [], [], 0, 0
+    for i, clip in enumerate(clips):
+        loud = np.flatnonzero(np.abs(clip) > SPEECH_LEVEL)
+        if i:
+            pauses.append((pause_start / TARGET_RATE, (offset + loud[0]) / TARGET_RATE))
+        pause_start = offset + loud[-1] + 1
+        parts.append(clip)
+        offset += clip.size
+        if i < len(clips) - 1:
+            gap = np.zeros(round(silences[i] * TARGET_RATE), dtype=np.float32)
+            parts.append(gap)
+            offset += gap.size
+    audio = np.concatenate(parts)
+    data = encode_16k(audio)
+    row = Row(data, path, " ".join(texts), source_of(voice), audio.size / TARGET_RATE)
+    return LongRow(row, texts, pauses)
+
+
+def encode_16k(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(
+        buf,
+        audio,
+        TARGET_RATE,
+        format="OGG",
+        subtype="VORBIS",
+        compression_level=VORBIS_COMPRESSION,
+    )
+    return fix_ogg_serial(buf.getvalue())
+
+
+def plan_long_row(
+    sentences: list[str], voices: list[str], rng: np.random.Generator, seconds_per_word: float
+) -> tuple[list[str], str, int, int, list[float]]:
+    """Sentences, voice, speed, pitch and joint silences for one long row inside
+    LONG_ROW_SECONDS, estimated from the word count (the builder measures the real length)."""
+    target = rng.uniform(*LONG_ROW_SECONDS)
+    voice = str(rng.choice(voices))
+    speed, pitch = int(rng.choice(TRAIN_SPEEDS)), int(rng.integers(*PITCH_RANGE))
+    scale = 150 / speed
+    texts, silences, seconds = [], [], 0.0
+    for i in rng.permutation(len(sentences)):
+        estimate = len(sentences[i].split()) * seconds_per_word * scale + 0.6
+        silence = float(rng.uniform(*JOINT_SILENCE_SECONDS))
+        if texts and seconds + silence + estimate > LONG_ROW_SECONDS[1] - 2:
+            break
+        if texts:
+            silences.append(round(silence, 3))
+            seconds += silence
+        texts.append(sentences[i])
+        seconds += estimate
+        if seconds >= target:
+            break
+    return texts, voice, speed, pitch, silences
+
+
+def long_rows(
+    first_index: int, sentences: list[str], seed: int, count: int = N_LONG_ROWS
+) -> list[LongRow]:
+    """`count` rows of LONG_ROW_SECONDS; one whose real length falls outside is drawn again."""
+    rng = np.random.default_rng(seed)
+    voices = [v for voices in VOICE_FAMILIES.values() for v in voices if v not in TEST_ONLY_VOICES]
+    made = []
+    while len(made) < count:
+        texts, voice, speed, pitch, silences = plan_long_row(sentences, voices, rng, 0.42)
+        path = f"demo_train_{first_index + len(made):05d}.ogg"
+        candidate = long_row(texts, voice, speed, pitch, silences, path)
+        if LONG_ROW_SECONDS[0] <= candidate.row.seconds <= LONG_ROW_SECONDS[1]:
+            made.append(candidate)
+    return made
+
+
+def write_long_rows(rows: list[LongRow], first_index: int, path: Path) -> None:
+    described = [
+        {
+            "row": first_index + i,
+            "path": long.row.path,
+            "seconds": round(long.row.seconds, 4),
+            "texts": long.texts,
+            "pauses": [[round(a, 4), round(b, 4)] for a, b in long.pauses],
+        }
+        for i, long in enumerate(rows)
+    ]
+    path.write_text(json.dumps(described, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_parquet(rows: list[Row], path: Path) -> None:
     table = pa.table(
         {
@@ -362,6 +476,10 @@ def main(argv: list[str] | None = None) -> None:
     for split, utterances in splits.items():
         rows = good_rows(split, utterances, rng)
         rows += bad_rows(split, len(rows), train_sentences, rng)
+        if split == "train":
+            longs = long_rows(len(rows), train_sentences, args.seed + LONG_ROWS_SEED_OFFSET)
+            write_long_rows(longs, len(rows), args.out / LONG_ROWS_NAME)
+            rows += [long.row for long in longs]
         path = args.out / "data" / f"{split}-00000-of-00001.parquet"
         write_parquet(rows, path)
         good = [r for r in rows if not r.bad]

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shard_builder.align import Aligner, Unaligned, split_clip
 from shard_builder.audio import RejectedRow, decode_audio
 from shard_builder.config import BuilderConfig
 from shard_builder.contract import (
@@ -37,6 +38,7 @@ from shard_builder.contract import (
     exceeds_window,
     meta_bytes,
     npy_bytes,
+    piece_of_key,
     sample_key,
     shard_name,
 )
@@ -103,32 +105,105 @@ def columns_of(config: BuilderConfig) -> Columns:
     return Columns(config.audio_column, config.text_column, config.source_column)
 
 
-def make_sample(row: Row, split: str) -> tuple[str, dict[str, bytes], float]:
-    """One input row to the three members of its sample, or `RejectedRow` saying why not."""
-    tokens = _worker["encoder"](row.text)
+def make_samples(row: Row, split: str) -> list[tuple[str, dict[str, bytes], float]]:
+    """One input row to its sample (or, split at pauses, its pieces' samples), each as key,
+    members and duration; or `RejectedRow` saying why not."""
+    config: BuilderConfig = _worker["config"]
+    try:
+        tokens = _worker["encoder"](row.text)
+    except RejectedRow as rejected:
+        # a long clip's text may be too long for one decoder but not for its pieces
+        if rejected.reason != "too_many_tokens" or config.long_audio != "split":
+            raise
+        tokens = rejected
     waveform = decode_audio(row.audio_bytes)
     duration = waveform.size / SAMPLING_RATE
     extractor = _worker["extractor"]
     if exceeds_window(waveform.size, extractor.max_frames):
+        if config.long_audio == "split":
+            return split_samples(row, split, waveform)
         raise RejectedRow(
             "too_long",
             f"{duration:.2f} s, the model's window is {extractor.max_samples / SAMPLING_RATE:g} s",
         )
+    if isinstance(tokens, RejectedRow):
+        raise tokens
+    meta = {"id": row.row_id, "text": row.text.strip()}
+    return [(sample_key(split, row.row_id), sample_members(row, waveform, tokens, meta), duration)]
+
+
+def sample_members(row: Row, waveform, tokens, meta: dict[str, Any]) -> dict[str, bytes]:
     mel = _worker["extractor"](waveform)
     meta = {
-        "id": row.row_id,
-        "text": row.text.strip(),
+        **meta,
         "source": row.source,
-        "duration": round(duration, 4),
+        "duration": round(waveform.size / SAMPLING_RATE, 4),
         "pad_value": mel.pad_value,
         "audio_path": row.audio_path,
     }
-    members = {
+    return {
         MEL_MEMBER: npy_bytes(mel.features),
         TOKENS_MEMBER: npy_bytes(tokens),
         META_MEMBER: meta_bytes(meta),
     }
-    return sample_key(split, row.row_id), members, duration
+
+
+def split_samples(row: Row, split: str, waveform) -> list[tuple[str, dict[str, bytes], float]]:
+    """A clip longer than the window, cut at pauses into pieces with their own text (align.py);
+    rejected as `too_long_unaligned` when the cut is not confident."""
+    config: BuilderConfig = _worker["config"]
+    max_samples = _worker["extractor"].max_samples
+    try:
+        pieces = split_clip(
+            waveform,
+            row.text,
+            aligner(),
+            max_samples,
+            config.min_pause,
+            config.align_min_margin,
+            config.align_min_logprob,
+        )
+    except Unaligned as unaligned:
+        raise RejectedRow(
+            "too_long_unaligned", f"{waveform.size / SAMPLING_RATE:.2f} s: {unaligned}"
+        ) from None
+    samples = []
+    for index, piece in enumerate(pieces):
+        audio = waveform[piece.start : piece.stop]
+        meta = {
+            "id": row.row_id,
+            "text": piece.text,
+            "piece": index,
+            "num_pieces": len(pieces),
+            "offset": round(piece.start / SAMPLING_RATE, 4),
+        }
+        members = sample_members(row, audio, _worker["encoder"](piece.text), meta)
+        samples.append((sample_key(split, row.row_id, index), members, audio.size / SAMPLING_RATE))
+    return samples
+
+
+def aligner() -> Aligner:
+    """The worker's aligner, loaded the first time a long clip needs it."""
+    if "aligner" not in _worker:
+        config: BuilderConfig = _worker["config"]
+        _worker["aligner"] = Aligner(config.aligner_name, config.language, config.task)
+    return _worker["aligner"]
+
+
+def check_aligner_window(config: BuilderConfig) -> None:
+    """Before any work: the aligner must hear a whole piece, i.e. at least the model's window."""
+    from transformers import WhisperFeatureExtractor
+
+    if config.long_audio != "split":
+        return
+    heard = window_frames(WhisperFeatureExtractor.from_pretrained(config.aligner_name))
+    if heard < _worker["extractor"].max_frames:
+        raise BuildError(
+            f"--align-model {config.aligner_name} hears {heard / 100:g} s, less than the "
+            f"{_worker['extractor'].max_frames / 100:g} s window of --model {config.model}: "
+            "the pieces would not fit the aligner (name another --align-model, or "
+            "--long-audio reject)"
+        )
 
 
 def build_shard(task: ShardTask) -> dict[str, Any]:
@@ -136,12 +211,12 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     config: BuilderConfig = _worker["config"]
     split_dir = Path(config.out) / task.split
     writer = ShardWriter(split_dir / shard_name(task.index))
-    rejects, seconds, rows_read = [], 0.0, 0
+    rejects, seconds, rows_read, split_rows, split_pieces = [], 0.0, 0, 0, 0
     try:
         for row in _worker["source"].rows(task.split, task.start, task.stop):
             rows_read += 1
             try:
-                key, members, duration = make_sample(row, task.split)
+                samples = make_samples(row, task.split)
             except RejectedRow as rejected:
                 rejects.append(
                     {
@@ -153,8 +228,11 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                     }
                 )
             else:
-                writer.add(key, members)
-                seconds += duration
+                for key, members, duration in samples:
+                    writer.add(key, members)
+                    seconds += duration
+                if piece_of_key(samples[0][0]) is not None:
+                    split_rows, split_pieces = split_rows + 1, split_pieces + len(samples)
             report_progress(1)
         if rows_read != task.stop - task.start:
             raise BuildError(f"{task.split} rows {task.start}..{task.stop}: read {rows_read} rows")
@@ -168,6 +246,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         "start": task.start,
         "stop": task.stop,
         "audio_seconds": round(seconds, 4),
+        "num_split": split_rows,
+        "num_split_pieces": split_pieces,
         "rejects": rejects,
         "settings": settings_fingerprint(config, task.split),
     }
@@ -198,6 +278,17 @@ def settings_fingerprint(config: BuilderConfig, split: str) -> dict[str, Any]:
         "shard_size": config.shard_size,
         "limit": config.limit,
         "columns": asdict(columns_of(config)),
+        # absent when long clips are rejected, so such shards keep their earlier settings
+        **({"long_audio": long_audio_settings(config)} if config.long_audio == "split" else {}),
+    }
+
+
+def long_audio_settings(config: BuilderConfig) -> dict[str, Any]:
+    return {
+        "align_model": config.aligner_name,
+        "min_pause": config.min_pause,
+        "align_min_margin": config.align_min_margin,
+        "align_min_logprob": config.align_min_logprob,
     }
 
 
@@ -239,6 +330,7 @@ def build(config: BuilderConfig) -> dict[str, dict[str, Any]]:
     """Build every requested split; returns per-split summaries."""
     started = time.perf_counter()
     init_worker(config)  # the main process validates the source and model before any work
+    check_aligner_window(config)
     source = _worker["source"]
     tasks, total_rows, records = [], {}, {}
     for split in config.splits:
@@ -344,8 +436,13 @@ def finish_split(
     ordered = [records[task.index] for task in plan]
     rejects = [{"split": split, **reject} for record in ordered for reject in record["rejects"]]
     num_samples = sum(record["num_samples"] for record in ordered)
-    if num_samples + len(rejects) != num_rows:
-        raise BuildError(f"{split}: {num_samples} samples + {len(rejects)} rejects != {num_rows}")
+    split_rows = sum(record.get("num_split", 0) for record in ordered)
+    split_pieces = sum(record.get("num_split_pieces", 0) for record in ordered)
+    if num_samples - split_pieces + split_rows + len(rejects) != num_rows:
+        raise BuildError(
+            f"{split}: {num_samples} samples ({split_pieces} pieces of {split_rows} split rows) "
+            f"+ {len(rejects)} rejects do not account for {num_rows} rows"
+        )
     reject_lines = "".join(
         json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects
     )
@@ -367,6 +464,8 @@ def finish_split(
             for k in (
                 "num_input_rows",
                 "num_samples",
+                "num_split",
+                "num_split_pieces",
                 "num_rejected",
                 "rejects_by_reason",
                 "audio_hours",
@@ -384,6 +483,10 @@ def make_manifest(config, split, records, rejects, num_rows) -> dict[str, Any]:
         "split": split,
         "num_input_rows": num_rows,
         "num_samples": sum(record["num_samples"] for record in records),
+        # rows split at pauses into several samples: num_samples - num_split_pieces + num_split
+        # + num_rejected == num_input_rows
+        "num_split": sum(record.get("num_split", 0) for record in records),
+        "num_split_pieces": sum(record.get("num_split_pieces", 0) for record in records),
         "num_rejected": len(rejects),
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "audio_hours": round(sum(record["audio_seconds"] for record in records) / 3600, 6),
@@ -405,6 +508,12 @@ def make_manifest(config, split, records, rejects, num_rows) -> dict[str, Any]:
             "columns": asdict(columns_of(config)),
         },
         "shard_size": config.shard_size,
+        "long_audio": config.long_audio,
+        **(
+            {"long_audio_settings": long_audio_settings(config)}
+            if config.long_audio == "split"
+            else {}
+        ),
         "shards": [
             {key: record[key] for key in ("name", "num_samples", "bytes", "sha256")}
             for record in records
@@ -424,6 +533,7 @@ def print_summary(summaries: dict[str, dict[str, Any]], seconds: float, rows_bui
         reasons = ", ".join(f"{k} {v}" for k, v in summary["rejects_by_reason"].items()) or "none"
         print(
             f"  {split}: {summary['num_input_rows']} rows in, {summary['num_samples']} samples "
-            f"in {summary['num_shards']} shards, {summary['num_rejected']} rejected ({reasons}), "
+            f"in {summary['num_shards']} shards ({summary['num_split']} long rows split into "
+            f"{summary['num_split_pieces']}), {summary['num_rejected']} rejected ({reasons}), "
             f"{summary['bytes'] / 1e6:.1f} MB, {summary['audio_hours']:.3f} h of audio"
         )

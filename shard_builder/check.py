@@ -43,6 +43,7 @@ from shard_builder.contract import (
     SHARD_SUFFIX,
     TOKENS_MEMBER,
     ContractError,
+    count_pieces,
     load_manifest,
     max_frames_of,
     sample_key,
@@ -284,9 +285,13 @@ def meta_problems(key: str, data: bytes, rules: SampleRules) -> list[str]:
     if missing:
         return [f"json lacks {', '.join(missing)}"]
     problems = []
-    row_id = meta["id"]
-    if not isinstance(row_id, int) or sample_key(rules.split, row_id) != key:
-        problems.append(f"json id {row_id!r} does not match the key")
+    row_id, piece = meta["id"], meta.get("piece")
+    if (
+        not isinstance(row_id, int)
+        or not isinstance(piece, (int, type(None)))
+        or sample_key(rules.split, row_id, piece) != key
+    ):
+        problems.append(f"json id {row_id!r} (piece {piece!r}) does not match the key")
     pad = meta["pad_value"]
     if not isinstance(pad, (int, float)) or not math.isfinite(pad):
         problems.append(f"json pad_value {pad!r} is not a finite number")
@@ -342,7 +347,20 @@ def check_split(
     for result in results:
         report.problems += [Problem(split, result.name, p) for p in result.problems]
     report.problems += [Problem(split, n, p) for n, p in duplicate_keys_across(results)]
+    report.problems += [Problem(split, MANIFEST_NAME, p) for p in piece_problems(manifest, results)]
     return report
+
+
+def piece_problems(manifest: dict[str, Any], results: list[ShardResult]) -> list[str]:
+    """The pieces of split rows found in the shards are the ones the manifest counts."""
+    rows, pieces = count_pieces([key for result in results for key in result.keys])
+    expected = manifest.get("num_split", 0), manifest.get("num_split_pieces", 0)
+    if (rows, pieces) == expected:
+        return []
+    return [
+        f"the shards hold {pieces} pieces of {rows} split rows, the manifest counts "
+        f"{expected[1]} pieces of {expected[0]}"
+    ]
 
 
 def count_problems(manifest: dict[str, Any]) -> list[str]:
@@ -358,8 +376,13 @@ def count_problems(manifest: dict[str, Any]) -> list[str]:
         problems.append("lists a shard name twice")
     samples, rejected = manifest["num_samples"], manifest["num_rejected"]
     rows = manifest["num_input_rows"]
-    if samples + rejected != rows:
-        problems.append(f"num_samples {samples} + num_rejected {rejected} != num_input_rows {rows}")
+    # a long row split at pauses is one input row in several samples (its pieces)
+    split, pieces = manifest.get("num_split", 0), manifest.get("num_split_pieces", 0)
+    if samples - pieces + split + rejected != rows:
+        problems.append(
+            f"num_samples {samples} - num_split_pieces {pieces} + num_split {split} + "
+            f"num_rejected {rejected} != num_input_rows {rows}"
+        )
     listed = sum(entry["num_samples"] for entry in shards)
     if listed != samples:
         problems.append(f"its shards hold {listed} samples in all, num_samples says {samples}")

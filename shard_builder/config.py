@@ -50,6 +50,32 @@ class BuilderConfig:
         "I/N: build only shards whose index %% N == I (N machines, one output)", default="0/1"
     )
     limit: int | None = _help("use only the first N rows of each split (trials)", default=None)
+    long_audio: str = _help(
+        "a clip longer than the model's window: split (cut at pauses into pieces that fit, "
+        "each with its own part of the transcript, found by --align-model; docs/shards.md) or "
+        "reject (counted as too_long)",
+        default="split",
+    )
+    align_model: str = _help(
+        "Whisper model (hub id or folder) that finds where the transcript of a long clip is cut "
+        "(empty: --model). Its window must hold the --model's",
+        default="",
+    )
+    min_pause: float = _help("shortest silence, in seconds, a long clip may be cut in", default=0.3)
+    align_min_margin: float = _help(
+        "a cut's chosen word boundary must beat every other by this many nats, or the clip is "
+        "rejected as too_long_unaligned",
+        default=3.0,
+    )
+    align_min_logprob: float = _help(
+        "every piece's text must have at least this mean log-probability per token under the "
+        "aligner, or the clip is rejected as too_long_unaligned",
+        default=-2.5,
+    )
+
+    @property
+    def aligner_name(self) -> str:
+        return self.align_model or self.model
 
     @property
     def part_index(self) -> int:
@@ -72,6 +98,10 @@ class BuilderConfig:
             raise ValueError("--shard-size and --workers must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
+        if self.long_audio not in ("split", "reject"):
+            raise ValueError(f"--long-audio must be split or reject, got {self.long_audio!r}")
+        if self.min_pause <= 0:
+            raise ValueError("--min-pause must be positive")
 
 
 def parse_args(argv: list[str] | None = None) -> BuilderConfig:
@@ -91,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> BuilderConfig:
             parser.add_argument(flag, nargs="+", default=default, help=spec.metadata["help"])
         else:
             kind = int if spec.name in ("workers", "shard_size", "limit") else str
+            if spec.name in ("min_pause", "align_min_margin", "align_min_logprob"):
+                kind = float
             parser.add_argument(
                 flag,
                 type=kind,

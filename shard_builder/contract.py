@@ -39,9 +39,29 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX}"
 
 
-def sample_key(split: str, row_id: int) -> str:
-    """The tar key of one input row: unique within a split, no dots (webdataset splits on them)."""
-    return f"{split}-{row_id:09d}"
+def sample_key(split: str, row_id: int, piece: int | None = None) -> str:
+    """The tar key of one input row: unique within a split, no dots (webdataset splits on them).
+
+    The pieces of a row split at pauses (docs/shards.md, "Clips longer than the window") are
+    `<split>-<row>-p<piece>`, which sorts right after the row's own key would.
+    """
+    if piece is None:
+        return f"{split}-{row_id:09d}"
+    return f"{split}-{row_id:09d}-p{piece:03d}"
+
+
+def piece_of_key(key: str) -> tuple[str, int] | None:
+    """(the parent row's key, the piece index) for the key of a split row's piece, else None."""
+    parent, _, piece = key.rpartition("-p")
+    return (parent, int(piece)) if parent and piece.isdigit() else None
+
+
+def count_pieces(keys: list[str]) -> tuple[int, int]:
+    """(split rows, their pieces) among sample keys; the manifest's `num_split` and
+    `num_split_pieces`, so that `num_samples - num_split_pieces + num_split + num_rejected`
+    is the number of input rows."""
+    parents = [found[0] for found in map(piece_of_key, keys) if found is not None]
+    return len(set(parents)), len(parents)
 
 
 def frames_touching_audio(num_samples: int, max_frames: int = MAX_FRAMES) -> int:

@@ -166,7 +166,8 @@ def test_demo_shards_honour_the_contract(demo_shards):
 def test_demo_rejects_name_every_bad_row(demo_shards):
     train = [json.loads(line) for line in (demo_shards / "train" / "rejects.jsonl").open()]
     reasons = {line["reason"] for line in train}
-    assert {"decode_error", "empty_text", "too_long", "empty_audio"} <= reasons
+    # the long rows: the random-weight preset is never a confident aligner (test_long_audio.py)
+    assert {"decode_error", "empty_text", "too_long_unaligned", "empty_audio"} <= reasons
     assert all(isinstance(line["id"], int) and line["detail"] for line in train)
 
 

@@ -24,8 +24,10 @@ DATA = REPO / "demo" / "corpus" / "data"
 SENTENCES = REPO / "demo" / "sentences_de.txt"
 TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
 SOURCES = {"espeak-demo-male", "espeak-demo-female", "espeak-demo-klatt"}
-# (number of rows, number of bad rows at the end)
-SPLITS = {"train": (268, 4), "test": (62, 2)}
+# (number of rows, number of bad rows after the good ones)
+SPLITS = {"train": (272, 4), "test": (62, 2)}
+N_GOOD = {"train": 264, "test": 60}
+LONG_ROWS = json.loads((REPO / "demo" / "corpus" / "long_rows.json").read_text(encoding="utf-8"))
 
 SPECIAL_IDS = {
     "<|endoftext|>": 50257,
@@ -85,8 +87,7 @@ def test_datasets_loads_it_like_the_hub_dataset():
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_good_rows_decode_and_cover_the_encodings(split):
-    n_rows, n_bad = SPLITS[split]
-    good = rows(split)[: n_rows - n_bad]
+    good = rows(split)[: N_GOOD[split]]
     known = set(sentences())
     rates, channels, suffixes = set(), set(), set()
     for row in good:
@@ -103,8 +104,8 @@ def test_good_rows_decode_and_cover_the_encodings(split):
     assert {row["source"] for row in good} == SOURCES
 
 
-def test_train_ends_with_the_four_bad_rows():
-    corrupt, empty_text, too_long, no_frames = rows("train")[-4:]
+def test_train_has_the_four_bad_rows_after_the_good_ones():
+    corrupt, empty_text, too_long, no_frames = rows("train")[264:268]
     with pytest.raises(sf.LibsndfileError):
         decode(corrupt["audio"]["bytes"])
     assert corrupt["transkription"]
@@ -127,8 +128,28 @@ def test_test_ends_with_the_two_bad_rows():
     assert len(decode(empty_text["audio"]["bytes"])[0]) > 0
 
 
+def test_train_ends_with_long_rows_whose_joints_are_known():
+    """Utterances of train sentences joined by silences, 31-55 s: the builder splits them."""
+    train = rows("train")
+    assert [r["row"] for r in LONG_ROWS] == list(range(268, 272)) and len(train) == 272
+    known = set(sentences())
+    for long_row in LONG_ROWS:
+        row = train[long_row["row"]]
+        assert row["audio"]["path"] == long_row["path"]
+        assert row["transkription"] == " ".join(long_row["texts"])
+        assert set(long_row["texts"]) <= known
+        audio, rate = decode(row["audio"]["bytes"])
+        assert rate == 16000 and 31 <= len(audio) / rate <= 55
+        assert abs(len(audio) / rate - long_row["seconds"]) < 1e-3
+        assert len(long_row["pauses"]) == len(long_row["texts"]) - 1
+        for start, stop in long_row["pauses"]:
+            assert stop - start >= 0.4  # at least the joint's silence
+            silence = audio[round(start * rate) + 800 : round(stop * rate) - 800, 0]
+            assert np.abs(silence).max() < 0.01  # Vorbis rings faintly 50 ms into it
+
+
 def test_split_design_mostly_seen_sentences_plus_a_few_unseen():
-    train = {r["transkription"] for r in rows("train")[:-4]}
+    train = {r["transkription"] for r in rows("train")[:264]}
     test = [r["transkription"] for r in rows("test")[:-2]]
     unseen = [t for t in test if t not in train]
     assert len(test) == 60 and len(unseen) == 10
