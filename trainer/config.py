@@ -32,6 +32,7 @@ from trainer.evaluate import EvalConfig
 from trainer.metrics import LogConfig
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
+from trainer.sysmetrics import SystemConfig
 
 ENV_PREFIX = "TRAINER_"
 SECTIONS = {
@@ -41,6 +42,7 @@ SECTIONS = {
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
     "log": LogConfig,
+    "system": SystemConfig,
 }
 
 # Extra names of a field, for the command line and the environment. `--model` is what
@@ -72,6 +74,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     def validate(self) -> None:
         if not self.output_dir:
