@@ -246,10 +246,17 @@ def read_environment(environ: dict[str, str] | None) -> dict[str, str]:
     """`environ`, or the process environment with .env filling in what it does not set."""
     if environ is not None:
         return environ
-    from dotenv import load_dotenv
-
-    load_dotenv()
+    load_dotenv_file()
     return dict(os.environ)
+
+
+def load_dotenv_file() -> None:
+    """Let .env fill in the variables the environment does not set: the .env of the working
+    directory (or a parent), else the repository's. Called first by every entry point, since
+    huggingface_hub reads HF_HOME once, when it is first imported."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True) or find_dotenv())
 
 
 def resolve_layers(args: dict[str, Any], environ: dict[str, str]) -> TrainConfig:

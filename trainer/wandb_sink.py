@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ class WandbSink:
                 "(or turn it off with --wandb false)"
             ) from None
         self.wandb = wandb
-        run_id = read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID") or wandb.util.generate_id()
+        run_id = read_run_id(run_dir) or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
         try:
             self.run = wandb.init(
                 project=config.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
