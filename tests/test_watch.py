@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from collections import namedtuple
 from pathlib import Path
 
@@ -112,8 +113,14 @@ def test_wandb_offline_holds_the_scalars_and_config_of_rank_0_only(watched_run):
     )
     tables = [row for row in rows if row.get("eval/worst_hypotheses._type") == "table-file"]
     assert [int(t["step"]) for t in tables] == [2]
-    assert tables[0]["eval/worst_hypotheses.ncols"] == 5
-    assert tables[0]["eval/worst_hypotheses.nrows"] == 8  # --eval-limit 8, all of them
+    folder = sorted((watched_run / "wandb").glob("offline-run-*"))[0] / "files"
+    table = json.loads(
+        sorted(folder.glob("media/table/eval/worst_hypotheses_*.table.json"))[0].read_text()
+    )
+    assert table["columns"] == ["wer_normalised", "key", "source", "reference", "hypothesis"]
+    assert len(table["data"]) == 8  # --eval-limit 8: all of them, worst first
+    wers = [row[0] for row in table["data"]]
+    assert wers == sorted(wers, reverse=True)
     alerts = [r["alert"]["text"] for r in first if r["type"] == "alert"]
     assert any("--num-workers" in text for text in alerts), alerts
 
@@ -217,6 +224,29 @@ def test_rank_figures_on_the_cpu_skip_the_gpu_silently():
     figures = sysmetrics.rank_figures(torch.device("cpu"), nvml)
     assert set(figures) == {"rss_gb", "ram_free_gb"}
     assert 0.01 < figures["rss_gb"] < figures["ram_free_gb"] + figures["rss_gb"]
+
+
+def test_nvml_figures_are_converted_and_a_missing_one_is_skipped(monkeypatch):
+    """What NVML returns on a GPU, through a stand-in module (no NVIDIA driver here)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def no_power(handle):
+        raise NVMLError("not supported")
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlDeviceGetUtilizationRates=lambda handle: types.SimpleNamespace(gpu=87, memory=40),
+        nvmlDeviceGetPowerUsage=lambda handle: 215_500,  # milliwatts
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert sysmetrics._nvml_figures("handle") == {
+        "gpu_utilisation_pct": 87.0,
+        "gpu_power_w": 215.5,
+    }
+    fake.nvmlDeviceGetPowerUsage = no_power
+    assert sysmetrics._nvml_figures("handle") == {"gpu_utilisation_pct": 87.0}
 
 
 def test_the_monitor_adds_disk_and_loader_figures_on_one_process(tmp_path):
