@@ -46,6 +46,7 @@ class WandbSink:
                 resume="allow",  # the same id continues the run, a new one starts it
                 dir=os.environ.get("WANDB_DIR") or str(run_dir),
                 config=run_config,
+                allow_val_change=True,  # a resume may change settings (max_steps, ...)
             )
         except Exception as error:  # no API key, no network, a bad entity, ...
             raise ValueError(
