@@ -249,6 +249,24 @@ def test_nvml_figures_are_converted_and_a_missing_one_is_skipped(monkeypatch):
     assert sysmetrics._nvml_figures("handle") == {"gpu_utilisation_pct": 87.0}
 
 
+def test_wandb_that_cannot_start_or_is_missing_is_a_clear_error(tmp_path, monkeypatch):
+    from trainer.metrics import LogConfig
+    from trainer.wandb_sink import WandbSink
+
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise RuntimeError("No API key configured")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ValueError, match="W&B could not start: No API key.*WANDB_MODE=offline"):
+        WandbSink(tmp_path, LogConfig(wandb=True), {})
+    assert not (tmp_path / RUN_ID_FILE).exists()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"wandb is not installed: pip install -e '\.\[wandb\]'"):
+        WandbSink(tmp_path, LogConfig(wandb=True), {})
+
+
 def test_the_monitor_adds_disk_and_loader_figures_on_one_process(tmp_path):
     info = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     monitor = sysmetrics.SystemMonitor(
