@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LOCK=${LOCK-requirements/lock.txt}
-EXTRAS=${EXTRAS:-builder,export,remote,dev}
+EXTRAS=${EXTRAS:-builder,export,remote,wandb,dev}
 started=$SECONDS
 
 # A bare `torch` requirement pulls the CUDA build and several GB of CUDA packages. Keep a torch

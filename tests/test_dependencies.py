@@ -24,6 +24,7 @@ SCANNED = ("shard_builder", "trainer", "scripts", "bench", "tests")
 # installed here (installed ones are looked up with importlib.metadata).
 DISTRIBUTION_OF = {
     "dotenv": "python-dotenv",
+    "pynvml": "nvidia-ml-py",
     "wids": "webdataset",  # a module of the webdataset 0.2.x distribution, not on PyPI itself
 }
 
@@ -53,6 +54,7 @@ EXTRA_USERS = {
     ),
     # The shard storage layer (landing in parallel) may name the backends it opens.
     "remote": ("shard_builder/storage.py",),
+    "wandb": ("trainer/wandb_sink.py",),
 }
 PACKAGES = ("shard_builder/", "trainer/")
 

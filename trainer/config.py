@@ -33,6 +33,7 @@ from trainer.fit import FitConfig
 from trainer.metrics import LogConfig
 from trainer.model import ModelConfig
 from trainer.optim import OptimConfig
+from trainer.sysmetrics import SystemConfig
 
 ENV_PREFIX = "TRAINER_"
 SECTIONS = {
@@ -43,6 +44,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "log": LogConfig,
     "fit": FitConfig,
+    "system": SystemConfig,
 }
 
 # Extra names of a field, for the command line and the environment. `--model` is what
@@ -75,6 +77,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -252,10 +255,17 @@ def read_environment(environ: dict[str, str] | None) -> dict[str, str]:
     """`environ`, or the process environment with .env filling in what it does not set."""
     if environ is not None:
         return environ
-    from dotenv import load_dotenv
-
-    load_dotenv()
+    load_dotenv_file()
     return dict(os.environ)
+
+
+def load_dotenv_file() -> None:
+    """Let .env fill in the variables the environment does not set: the .env of the working
+    directory (or a parent), else the repository's. Called first by every entry point, since
+    huggingface_hub reads HF_HOME once, when it is first imported."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True) or find_dotenv())
 
 
 def resolve_layers(args: dict[str, Any], environ: dict[str, str]) -> TrainConfig:

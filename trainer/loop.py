@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shard_builder import contract
 from shard_builder.storage import ShardFetchError
 from trainer import checkpoint as ckpt
-from trainer import distributed, fit, gpu
+from trainer import distributed, fit, gpu, sysmetrics
 from trainer.config import TrainConfig, write_config
 from trainer.data import TrainData, check_split, pad_features_to_full
 from trainer.distributed import Dist
@@ -115,7 +115,7 @@ def setup(config: TrainConfig) -> Run:
     allocator = gpu.configure_allocator()  # before anything initialises CUDA
     info = distributed.setup_distributed(config.device)
     run_dir = Path(config.output_dir)
-    logger = RunLogger(run_dir, info.rank, config.log)
+    logger = RunLogger(run_dir, info.rank, config.log, config.to_dict())
     _quiet_transformers()
     logger.info("rank %d of %d on %s", info.rank, info.world_size, info.device)
     if info.device.type == "cuda" and info.is_main:
@@ -323,6 +323,9 @@ def train(run: Run) -> None:
     max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
     sample_log = _open_sample_log(run) if config.log.sample_log else None
     window = _Window()
+    monitor = sysmetrics.SystemMonitor(
+        config.system, info, run.run_dir, run.eval_dir, config.data.num_workers
+    )
     bar = _progress_bar(run)
     started = time.perf_counter()
     start_step = state.step
@@ -436,10 +439,10 @@ def train(run: Run) -> None:
                 readings = distributed.gather_objects(info, gpu.memory_reading(info.device))
                 metrics.update(gpu.memory_metrics(readings))
             run.logger.scalars(state.step, metrics)
+            monitor.log(state.step, metrics["data_wait_fraction"], run.logger)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-            else:
-                run.logger.info("step %d: %s", state.step, _brief(metrics))
+            run.logger.step_line("step %d: %s", state.step, _brief(metrics), console=bar is None)
 
         last = state.step == run.total_steps
         every = config.eval.eval_every
@@ -623,6 +626,9 @@ def evaluate(run: Run) -> None:
                 state.step,
                 run.run_dir / ckpt.BEST,
             )
+    run.logger.evaluation(
+        state.step, report, utterances, config.eval.best_metric, state.best_metric, state.best_step
+    )
 
 
 # --- save_checkpoint --------------------------------------------------------------------------
@@ -631,6 +637,8 @@ def evaluate(run: Run) -> None:
 def save_checkpoint(run: Run) -> None:
     """Every rank writes its own share of the optimiser state (ZeRO-1); rank 0 the rest."""
     info, state = run.info, run.state
+    if info.is_main and (warning := sysmetrics.checkpoint_space_warning(run.run_dir, run.model)):
+        run.logger.warning("%s", warning)
     sharded = is_sharded(run.optimizer)
     rng_states = distributed.gather_objects(info, ckpt.capture_rng(info.device))
     training = run_config = None

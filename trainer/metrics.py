@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +35,20 @@ class LogConfig:
     sample_log: bool = _help(
         "debug: write the sample keys of every step to RUN/debug/samples-rank<R>.jsonl",
         default=False,
+    )
+    wandb: bool = _help(
+        "also log to Weights & Biases (the wandb extra); WANDB_MODE=offline writes RUN/wandb/ only",
+        default=False,
+    )
+    wandb_project: str = _help(
+        "W&B project (default: $WANDB_PROJECT, else whisper-german-trainer)", default=""
+    )
+    wandb_entity: str = _help("W&B user or team (default: $WANDB_ENTITY, else yours)", default="")
+    wandb_name: str = _help(
+        "W&B run name (default: $WANDB_NAME, else the run folder's name)", default=""
+    )
+    wandb_worst: int = _help(
+        "log the N worst hypotheses of each evaluation to W&B as a table (0: none)", default=20
     )
 
 
@@ -149,13 +164,21 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 class RunLogger:
-    """Rank-0 side effects in one place: training.log, metrics.jsonl, TensorBoard.
+    """Rank-0 side effects in one place: training.log, metrics.jsonl, TensorBoard, W&B (with
+    log.wandb), and the run's summary files (trainer/summary.py).
 
     On other ranks every method is a no-op except warnings, which go to stderr with the rank.
     """
 
-    def __init__(self, run_dir: Path, rank: int, config: LogConfig) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        config: LogConfig,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.rank, self.is_main = rank, rank == 0
+        self.run_dir, self.config = run_dir, config
         self.logger = logging.getLogger("trainer")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -164,24 +187,41 @@ class RunLogger:
         stream.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
         stream.setLevel(logging.INFO if self.is_main else logging.WARNING)
         self.logger.addHandler(stream)
+        # Per-step lines go to training.log only while the progress bar owns the terminal.
+        self.file_logger = logging.getLogger("trainer.file")
+        self.file_logger.setLevel(logging.INFO)
+        self.file_logger.propagate = False
+        self.file_logger.handlers.clear()
         self.writer = None
         self.jsonl = None
+        self.wandb = None
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(run_dir / "training.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             self.logger.addHandler(handler)
+            self.file_logger.addHandler(handler)
             self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
             if config.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            if config.wandb:
+                from trainer.wandb_sink import WandbSink
+
+                self.wandb = WandbSink(run_dir, config, run_config or {})
 
     def info(self, message: str, *args: Any) -> None:
         self.logger.info(message, *args)
 
     def warning(self, message: str, *args: Any) -> None:
         self.logger.warning(message, *args)
+        if self.wandb is not None:
+            self.wandb.alert(message % args if args else message)
+
+    def step_line(self, message: str, *args: Any, console: bool) -> None:
+        """A per-step line: always in training.log, on the terminal only when asked."""
+        (self.logger if console else self.file_logger).info(message, *args)
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.is_main:
@@ -190,13 +230,55 @@ class RunLogger:
             for name, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(f"{kind}/{name}", value, step)
+        if self.wandb is not None:
+            self.wandb.scalars(step, {f"{kind}/{k}": v for k, v in values.items() if v is not None})
         self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+
+    def evaluation(
+        self,
+        step: int,
+        report: dict[str, Any] | None,
+        utterances: list[dict[str, Any]],
+        metric: str,
+        best_value: float | None,
+        best_step: int,
+    ) -> None:
+        """After an evaluation (rank 0 holds the report): the summary files, W&B's table."""
+        if not self.is_main or report is None:
+            return
+        from trainer.summary import write_summary
+
+        write_summary(self.run_dir, step, report, metric, best_value, best_step)
+        if self.wandb is not None and self.config.wandb_worst > 0:
+            self.wandb.table(
+                step, "eval/worst_hypotheses", worst(utterances, self.config.wandb_worst)
+            )
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.close()
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
+        for handler in list(self.file_logger.handlers):
+            self.file_logger.removeHandler(handler)
+
+
+def worst(utterances: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The `count` utterances with the highest normalised WER (empty references last)."""
+    scored = [(utterance_wer(u["reference"], u["hypothesis"]), u) for u in utterances]
+    scored.sort(key=lambda pair: -1.0 if math.isnan(pair[0]) else -pair[0])
+    return [
+        {
+            "wer_normalised": wer,
+            "key": u["key"],
+            "source": u["source"],
+            "reference": u["reference"],
+            "hypothesis": u["hypothesis"],
+        }
+        for wer, u in scored[:count]
+    ]
