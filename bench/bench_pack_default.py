@@ -1,0 +1,176 @@
+"""Packed against unpacked fine-tuning on a corpus that does not repeat, in the product's modes.
+
+The corpus is bench/make_bench_corpus.py's (sentences never repeated between train and test nor
+within train; test voices and speeds never heard in train). Each run fine-tunes whisper-base in
+full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base.toml), then:
+
+1. `trainer.evaluate` on the HF checkpoint, per utterance, greedy and beam 5, with a breakdown
+   of the greedy errors (substitutions, deletions, insertions; insertions after the last
+   reference word, errors on the first word) to see where a gap between modes comes from;
+2. the int8 CTranslate2 export through `trainer.evaluate --audio-source` (trainer.realtime_modes):
+   RealtimeSTT's default (`batched`) and its `batch_size=0` call (`sequential`, timestamps), each
+   with and without a prompt, on single utterances and on 45 s files joined from the test split.
+
+    python bench/bench_pack_default.py --model PATH/whisper-base --corpus out/bench-corpus \
+        --shards out/bench-shards --out out/pack-default \
+        --run unpacked:false:8:4 --run packed-eq-utt:true:4:1 --seed 0
+
+`--run NAME:PACK:STEPS:WINDOWS_PER_RANK` (repeatable). A run folder that already finished is
+reused; figures are printed and written to OUT/results.json, then copied into
+docs/benchmarks.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trainer.metrics import normalise  # noqa: E402
+
+
+def run(command: list[str], log: Path) -> None:
+    print("$", " ".join(command), flush=True)
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}); see {log}")
+
+
+def fine_tune(args, folder: Path, pack: bool, steps: int, windows: int) -> Path:
+    if (folder / "best" / "config.json").is_file():
+        print(f"reusing {folder}", flush=True)
+        return folder / "best"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["-m", "trainer", "--config", "config/demo-whisper-base.toml"]
+    command += ["--model", args.model, "--shards", args.shards, "--output-dir", str(folder)]
+    command += ["--freeze-encoder", "false", "--max-steps", str(steps), "--lr", str(args.lr)]
+    command += ["--warmup-steps", "2", "--save-every", "0", "--eval-every", "0"]
+    command += ["--batch-size", str(windows), "--seed", str(args.seed)]
+    command += ["--data.seed", str(args.seed), "--progress", "false"]
+    command += ["--pack", "true" if pack else "false", "--packed-eval", "false"]
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run(command, folder.parent / f"{folder.name}.log")
+    print(f"trained {folder.name} in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder / "best"
+
+
+def evaluate(args, model: str, report: Path, *extra: str) -> dict:
+    if not report.is_file():
+        command = [sys.executable, "-m", "trainer.evaluate", "--model", model]
+        command += ["--shards", f"{args.shards}/test", "--output", str(report), "--device", "cpu"]
+        command += ["--batch-size", "8", "--num-workers", "1", "--worst", "0"]
+        command += ["--limit", str(args.limit), *extra]
+        run(command, report.with_suffix(".log"))
+    return json.loads(report.read_text())
+
+
+def export(model: str, out: Path) -> Path:
+    if not (out / "model.bin").is_file():
+        command = [sys.executable, "-m", "trainer.export", "--model", model, "--out", str(out)]
+        command += ["--quantization", "int8", "--long-form-seconds", "0"]
+        run(command, out.parent / f"{out.name}.log")
+    return out
+
+
+def error_breakdown(utterances: list[dict]) -> dict:
+    """Where the greedy per-utterance errors lie (normalised words, jiwer's alignment)."""
+    import jiwer
+
+    totals = dict(words=0, substitutions=0, deletions=0, insertions=0)
+    totals.update(trailing_insertions=0, first_word_errors=0, leading_space=0)
+    for u in utterances:
+        ref, hyp = normalise(u["reference"]), normalise(u["hypothesis"])
+        if not ref:
+            continue
+        totals["words"] += len(ref.split())
+        totals["leading_space"] += u.get("raw_hypothesis", u["hypothesis"]).startswith(" ")
+        if not hyp:
+            totals["deletions"] += len(ref.split())
+            totals["first_word_errors"] += 1
+            continue
+        out = jiwer.process_words(ref, hyp)
+        totals["substitutions"] += out.substitutions
+        totals["deletions"] += out.deletions
+        totals["insertions"] += out.insertions
+        chunks = out.alignments[0]
+        if chunks and chunks[-1].type == "insert":
+            totals["trailing_insertions"] += chunks[-1].hyp_end_idx - chunks[-1].hyp_start_idx
+        if chunks and chunks[0].type != "equal" and chunks[0].ref_start_idx == 0:
+            totals["first_word_errors"] += 1
+    return totals
+
+
+def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
+    folder = Path(args.out) / name
+    best = fine_tune(args, folder, pack, steps, windows)
+    greedy = evaluate(args, str(best), folder / "greedy.json")
+    beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5")
+    ct2 = export(str(best), folder / "ct2")
+    modes = evaluate(
+        args,
+        str(ct2),
+        folder / "realtime.json",
+        "--audio-source",
+        args.corpus,
+        "--modes",
+        args.modes,
+        "--long-form-seconds",
+        "45",
+    )
+    train_log = folder.parent / f"{name}.log"
+    log = train_log.read_text() if train_log.is_file() else ""
+    seen = [line for line in log.splitlines() if "samples seen" in line]
+    result = {
+        "run": name,
+        "pack": pack,
+        "steps": steps,
+        "windows_per_step": 2 * windows,
+        "done_line": seen[-1] if seen else None,
+        "greedy_wer": greedy["wer_normalised"],
+        "beam5_wer": beam["wer_normalised"],
+        "greedy_errors": error_breakdown(greedy["utterances"]),
+        "ct2_greedy_wer": modes["wer_normalised"],
+        "realtime": modes["realtime"],
+    }
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a pretrained Whisper folder")
+    parser.add_argument("--corpus", default="out/bench-corpus")
+    parser.add_argument("--shards", default="out/bench-shards")
+    parser.add_argument("--out", default="out/pack-default")
+    parser.add_argument("--run", action="append", required=True, help="NAME:PACK:STEPS:WINDOWS")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=60, help="test utterances evaluated")
+    parser.add_argument("--modes", default="all")
+    parser.add_argument("--untouched", action="store_true", help="also score the base model")
+    args = parser.parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = []
+    if args.untouched:
+        folder = Path(args.out) / "untouched"
+        folder.mkdir(exist_ok=True)
+        greedy = evaluate(args, args.model, folder / "greedy.json")
+        results.append({"run": "untouched", "greedy_wer": greedy["wer_normalised"]})
+    for spec in args.run:
+        name, pack, steps, windows = spec.split(":")
+        results.append(measure(args, name, pack == "true", int(steps), int(windows)))
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
