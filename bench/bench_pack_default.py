@@ -4,9 +4,11 @@ The corpus is bench/make_bench_corpus.py's (sentences never repeated between tra
 within train; test voices and speeds never heard in train). Each run fine-tunes whisper-base in
 full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base.toml), then:
 
-1. `trainer.evaluate` on the HF checkpoint, per utterance, greedy and beam 5, with a breakdown
-   of the greedy errors (substitutions, deletions, insertions; insertions after the last
-   reference word, errors on the first word) to see where a gap between modes comes from;
+1. `trainer.evaluate` on the HF checkpoint, per utterance, greedy and beam 5, and greedy with
+   timestamps on (each utterance alone in its window, the mode packed windows mostly train),
+   with a breakdown of the greedy errors (substitutions, deletions, insertions; insertions after
+   the last reference word, errors on the first word) to see where a gap between modes comes
+   from;
 2. the int8 CTranslate2 export through `trainer.evaluate --audio-source` (trainer.realtime_modes):
    RealtimeSTT's default (`batched`) and its `batch_size=0` call (`sequential`, timestamps), each
    with and without a prompt, on single utterances and on 45 s files joined from the test split.
@@ -108,11 +110,48 @@ def error_breakdown(utterances: list[dict]) -> dict:
     return totals
 
 
+def timestamped_per_utterance(args, model: str, report: Path) -> dict:
+    """Each test utterance alone in its window, as `trainer.evaluate` decodes it, but greedy
+    with timestamps on (no <|notimestamps|>): the mode packed windows mostly train."""
+    if report.is_file():
+        return json.loads(report.read_text())
+    from trainer.data import DataConfig, eval_batches, pad_features_to_full
+    from trainer.evaluate import HFDecoder
+    from trainer.longform import segments_from_ids
+    from trainer.metrics import wer_report
+    from trainer.model import ModelConfig, load_model
+
+    hf, processor = load_model(
+        ModelConfig(name_or_path=model, gradient_checkpointing=False), for_training=False
+    )
+    decoder = HFDecoder(hf.eval(), processor.tokenizer, "de", "transcribe", "fp32")
+    tokenizer = processor.tokenizer
+    no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = DataConfig(batch_size=8, num_workers=0, bucket_buffer=8, eval_limit=args.limit)
+    refs, hyps = [], []
+    for batch in eval_batches(f"{args.shards}/test", config, 0, 1):
+        features = pad_features_to_full(
+            batch["features"], batch["pad_values"], decoder.window_frames, batch["num_frames"]
+        )
+        for text, ids in zip(batch["texts"], decoder.timestamped(features, 225, 1), strict=True):
+            segments = segments_from_ids(ids, no_timestamps, eot)
+            words = [tokenizer.decode(list(s.tokens)).strip() for s in segments]
+            refs.append(text)
+            hyps.append(" ".join(words))
+    result = wer_report(refs, hyps, ["x"] * len(refs))
+    pairs = zip(refs, hyps, strict=True)
+    result["utterances"] = [{"reference": r, "hypothesis": h} for r, h in pairs]
+    report.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
 def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
     folder = Path(args.out) / name
     best = fine_tune(args, folder, pack, steps, windows)
     greedy = evaluate(args, str(best), folder / "greedy.json")
     beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5")
+    stamped = timestamped_per_utterance(args, str(best), folder / "greedy-timestamps.json")
     ct2 = export(str(best), folder / "ct2")
     modes = evaluate(
         args,
@@ -136,6 +175,8 @@ def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
         "done_line": seen[-1] if seen else None,
         "greedy_wer": greedy["wer_normalised"],
         "beam5_wer": beam["wer_normalised"],
+        "greedy_timestamps_wer": stamped["wer_normalised"],
+        "greedy_timestamps_errors": error_breakdown(stamped["utterances"]),
         "greedy_errors": error_breakdown(greedy["utterances"]),
         "ct2_greedy_wer": modes["wer_normalised"],
         "realtime": modes["realtime"],
@@ -164,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.out) / "untouched"
         folder.mkdir(exist_ok=True)
         greedy = evaluate(args, args.model, folder / "greedy.json")
-        results.append({"run": "untouched", "greedy_wer": greedy["wer_normalised"]})
+        stamped = timestamped_per_utterance(args, args.model, folder / "greedy-timestamps.json")
+        results.append(
+            {
+                "run": "untouched",
+                "greedy_wer": greedy["wer_normalised"],
+                "greedy_errors": error_breakdown(greedy["utterances"]),
+                "greedy_timestamps_wer": stamped["wer_normalised"],
+            }
+        )
     for spec in args.run:
         name, pack, steps, windows = spec.split(":")
         results.append(measure(args, name, pack == "true", int(steps), int(windows)))
