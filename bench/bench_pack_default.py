@@ -150,7 +150,7 @@ def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
     folder = Path(args.out) / name
     best = fine_tune(args, folder, pack, steps, windows)
     greedy = evaluate(args, str(best), folder / "greedy.json")
-    beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5")
+    beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5") if args.beam else {}
     stamped = timestamped_per_utterance(args, str(best), folder / "greedy-timestamps.json")
     ct2 = export(str(best), folder / "ct2")
     modes = evaluate(
@@ -174,7 +174,7 @@ def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
         "windows_per_step": 2 * windows,
         "done_line": seen[-1] if seen else None,
         "greedy_wer": greedy["wer_normalised"],
-        "beam5_wer": beam["wer_normalised"],
+        "beam5_wer": beam.get("wer_normalised"),
         "greedy_timestamps_wer": stamped["wer_normalised"],
         "greedy_timestamps_errors": error_breakdown(stamped["utterances"]),
         "greedy_errors": error_breakdown(greedy["utterances"]),
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=60, help="test utterances evaluated")
     parser.add_argument("--modes", default="all")
+    parser.add_argument(
+        "--beam", action=argparse.BooleanOptionalAction, default=True, help="also beam 5 (HF)"
+    )
     parser.add_argument("--untouched", action="store_true", help="also score the base model")
     args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
