@@ -17,9 +17,9 @@ full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base
         --shards out/bench-shards --out out/pack-default \
         --run unpacked:false:8:4 --run packed-eq-utt:true:4:1 --seed 0
 
-`--run NAME:PACK:STEPS:WINDOWS_PER_RANK` (repeatable). A run folder that already finished is
-reused; figures are printed and written to OUT/results.json, then copied into
-docs/benchmarks.md by hand.
+`--run NAME:PACK:STEPS:WINDOWS_PER_RANK[:LONE_PROBABILITY]` (repeatable). A run folder that
+already finished is reused; figures are printed and written to OUT/results.json, then copied
+into docs/benchmarks.md by hand.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({result.returncode}); see {log}")
 
 
-def fine_tune(args, folder: Path, pack: bool, steps: int, windows: int) -> Path:
+def fine_tune(args, folder: Path, pack: bool, steps: int, windows: int, lone: float) -> Path:
     if (folder / "best" / "config.json").is_file():
         print(f"reusing {folder}", flush=True)
         return folder / "best"
@@ -57,6 +57,7 @@ def fine_tune(args, folder: Path, pack: bool, steps: int, windows: int) -> Path:
     command += ["--batch-size", str(windows), "--seed", str(args.seed)]
     command += ["--data.seed", str(args.seed), "--progress", "false"]
     command += ["--pack", "true" if pack else "false", "--packed-eval", "false"]
+    command += ["--lone-probability", str(lone), "--eval-limit", str(args.limit)]
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run(command, folder.parent / f"{folder.name}.log")
@@ -146,9 +147,9 @@ def timestamped_per_utterance(args, model: str, report: Path) -> dict:
     return result
 
 
-def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
+def measure(args, name: str, pack: bool, steps: int, windows: int, lone: float) -> dict:
     folder = Path(args.out) / name
-    best = fine_tune(args, folder, pack, steps, windows)
+    best = fine_tune(args, folder, pack, steps, windows, lone)
     greedy = evaluate(args, str(best), folder / "greedy.json")
     beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5") if args.beam else {}
     stamped = timestamped_per_utterance(args, str(best), folder / "greedy-timestamps.json")
@@ -172,6 +173,7 @@ def measure(args, name: str, pack: bool, steps: int, windows: int) -> dict:
         "pack": pack,
         "steps": steps,
         "windows_per_step": 2 * windows,
+        "lone_probability": lone,
         "done_line": seen[-1] if seen else None,
         "greedy_wer": greedy["wer_normalised"],
         "beam5_wer": beam.get("wer_normalised"),
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="out/bench-corpus")
     parser.add_argument("--shards", default="out/bench-shards")
     parser.add_argument("--out", default="out/pack-default")
-    parser.add_argument("--run", action="append", required=True, help="NAME:PACK:STEPS:WINDOWS")
+    parser.add_argument(
+        "--run", action="append", required=True, help="NAME:PACK:STEPS:WINDOWS[:LONE_PROBABILITY]"
+    )
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=60, help="test utterances evaluated")
@@ -218,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     for spec in args.run:
-        name, pack, steps, windows = spec.split(":")
-        results.append(measure(args, name, pack == "true", int(steps), int(windows)))
+        name, pack, steps, windows, *lone = spec.split(":")
+        lone = float(lone[0]) if lone else 0.0
+        results.append(measure(args, name, pack == "true", int(steps), int(windows), lone))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 
