@@ -593,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         realtime_details = {}
         if modes and info.is_main:
             try:
-                report["realtime"], realtime_details = evaluate_realtime(args, split_dir, modes)
+                report["realtime"], realtime_details = evaluate_realtime(
+                    args, split_dir, modes, info.device.type
+                )
             except ValueError as error:
                 print(f"error: {error}")
                 return 2
@@ -652,14 +654,15 @@ def check_realtime_request(args: argparse.Namespace, decoder) -> list:
     return modes
 
 
-def evaluate_realtime(args: argparse.Namespace, split_dir: Path, modes: list):
-    """(report, details) of trainer.realtime_modes on the split's audio, on this rank."""
+def evaluate_realtime(args: argparse.Namespace, split_dir: Path, modes: list, device: str):
+    """(report, details) of trainer.realtime_modes on the split's audio, on this rank (rank 0:
+    faster-whisper decodes one file at a time, so the modes are not split across ranks)."""
     from trainer.realtime_modes import RealtimeTranscriber, evaluate_modes, split_clips
 
     clips = split_clips(split_dir, args.audio_source, args.limit)
     transcriber = RealtimeTranscriber(
         args.model,
-        device="cuda" if args.device == "cuda" else "cpu",
+        device="cuda" if device == "cuda" else "cpu",
         language=args.language,
         task=args.task,
         max_new_tokens=args.realtime_max_new_tokens,
