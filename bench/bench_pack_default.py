@@ -88,13 +88,15 @@ def error_breakdown(utterances: list[dict]) -> dict:
     import jiwer
 
     totals = dict(words=0, substitutions=0, deletions=0, insertions=0)
-    totals.update(trailing_insertions=0, first_word_errors=0, leading_space=0)
+    totals.update(trailing_insertions=0, first_word_errors=0, first_letter_lowered=0)
     for u in utterances:
         ref, hyp = normalise(u["reference"]), normalise(u["hypothesis"])
         if not ref:
             continue
         totals["words"] += len(ref.split())
-        totals["leading_space"] += u.get("raw_hypothesis", u["hypothesis"]).startswith(" ")
+        # orthographic only: a sentence-initial capital written lower case
+        lowered = u["reference"][:1].isupper() and u["hypothesis"].strip()[:1].islower()
+        totals["first_letter_lowered"] += lowered
         if not hyp:
             totals["deletions"] += len(ref.split())
             totals["first_word_errors"] += 1
@@ -152,7 +154,11 @@ def measure(args, name: str, pack: bool, steps: int, windows: int, lone: float) 
     best = fine_tune(args, folder, pack, steps, windows, lone)
     greedy = evaluate(args, str(best), folder / "greedy.json")
     beam = evaluate(args, str(best), folder / "beam5.json", "--num-beams", "5") if args.beam else {}
-    stamped = timestamped_per_utterance(args, str(best), folder / "greedy-timestamps.json")
+    stamped = (
+        timestamped_per_utterance(args, str(best), folder / "greedy-timestamps.json")
+        if args.diagnose
+        else {"wer_normalised": None, "utterances": []}
+    )
     ct2 = export(str(best), folder / "ct2")
     modes = evaluate(
         args,
@@ -203,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="all")
     parser.add_argument(
         "--beam", action=argparse.BooleanOptionalAction, default=True, help="also beam 5 (HF)"
+    )
+    parser.add_argument(
+        "--diagnose",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also greedy per utterance with timestamps (HF)",
     )
     parser.add_argument("--untouched", action="store_true", help="also score the base model")
     args = parser.parse_args(argv)
