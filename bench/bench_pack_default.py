@@ -19,7 +19,8 @@ full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base
 
 `--run NAME:PACK:STEPS:WINDOWS_PER_RANK[:LONE_PROBABILITY]` (repeatable). A run folder that
 already finished is reused; figures are printed and written to OUT/results.json, then copied
-into docs/benchmarks.md by hand.
+into docs/benchmarks.md by hand. `--summary OUT/RUN ...` prints the table of finished runs, with
+95 % paired bootstrap intervals (over the test utterances) of each WER minus the first run's.
 """
 
 from __future__ import annotations
@@ -194,7 +195,71 @@ def measure(args, name: str, pack: bool, steps: int, windows: int, lone: float) 
     return result
 
 
+def paired_interval(base: list[dict], other: list[dict], rounds: int = 2000) -> tuple:
+    """95 % bootstrap interval (utterances resampled, paired by key) of other's normalised
+    WER minus base's, in points."""
+    import jiwer
+    import numpy as np
+
+    mine = {u["reference"]: u for u in other}
+    pairs = [(u, mine[u["reference"]]) for u in base if u["reference"] in mine]
+    counts = []
+    for a, b in pairs:
+        ref = normalise(a["reference"])
+        words = len(ref.split())
+        errors = [
+            jiwer.process_words(ref, normalise(h) or "<empty>")
+            for h in (a["hypothesis"], b["hypothesis"])
+        ]
+        counts.append((words, *(e.substitutions + e.deletions + e.insertions for e in errors)))
+    counts = np.asarray(counts, dtype=float)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(counts), size=(rounds, len(counts)))
+    sample = counts[picks].sum(axis=1)
+    difference = 100 * (sample[:, 2] - sample[:, 1]) / sample[:, 0]
+    return tuple(float(x) for x in np.percentile(difference, [2.5, 97.5]).round(1))
+
+
+def summary(folders: list[str]) -> None:
+    """A markdown table of finished runs (OUT/NAME folders), intervals against the first."""
+    rows = [json.loads((Path(f) / "result.json").read_text()) for f in folders]
+    greedy = [json.loads((Path(f) / "greedy.json").read_text())["utterances"] for f in folders]
+    decoded = [json.loads((Path(f) / "realtime.json").read_text()) for f in folders]
+
+    def realtime_utterances(report, mode):
+        refs = [u["reference"] for u in report["utterances"]]
+        hyps = report["realtime_decoded"][mode]["utterances"]
+        return [
+            {"reference": r, "hypothesis": " ".join(s["text"] for s in h)}
+            for r, h in zip(refs, hyps, strict=True)
+        ]
+
+    print("| run | greedy | greedy, interval vs first | greedy + timestamps | CT2 greedy |", end="")
+    print(" batched (RealtimeSTT default) | interval vs first | batched long-form |", end="")
+    print(" sequential | sequential long-form | long-form start error median |")
+    for row, utts, report in zip(rows, greedy, decoded, strict=True):
+        rt = row["realtime"]
+        first = realtime_utterances(decoded[0], "batched")
+        cells = [
+            row["run"],
+            f"{100 * row['greedy_wer']:.1f} %",
+            str(paired_interval(greedy[0], utts)),
+            f"{100 * row['greedy_timestamps_wer']:.1f} %",
+            f"{100 * row['ct2_greedy_wer']:.1f} %",
+            f"{100 * rt['batched']['utterances']['wer_normalised']:.1f} %",
+            str(paired_interval(first, realtime_utterances(report, "batched"))),
+            f"{100 * rt['batched']['long_form']['wer_normalised']:.1f} %",
+            f"{100 * rt['sequential']['utterances']['wer_normalised']:.1f} %",
+            f"{100 * rt['sequential']['long_form']['wer_normalised']:.1f} %",
+            f"{rt['sequential']['long_form']['segment_start_error_median_s']:.2f} s",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--summary"]:
+        summary(sys.argv[2:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a pretrained Whisper folder")
     parser.add_argument("--corpus", default="out/bench-corpus")
