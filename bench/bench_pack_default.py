@@ -234,24 +234,32 @@ def summary(folders: list[str]) -> None:
             for r, h in zip(refs, hyps, strict=True)
         ]
 
+    def percent(value) -> str:
+        return "not run" if value is None else f"{100 * value:.1f} %"
+
+    def mode(rt, name, part, key="wer_normalised"):
+        figures = rt.get(name, {}).get(part)
+        return None if figures is None else figures.get(key)
+
     print("| run | greedy | greedy, interval vs first | greedy + timestamps | CT2 greedy |", end="")
     print(" batched (RealtimeSTT default) | interval vs first | batched long-form |", end="")
     print(" sequential | sequential long-form | long-form start error median |")
+    first = realtime_utterances(decoded[0], "batched")
     for row, utts, report in zip(rows, greedy, decoded, strict=True):
         rt = row["realtime"]
-        first = realtime_utterances(decoded[0], "batched")
+        start = mode(rt, "sequential", "long_form", "segment_start_error_median_s")
         cells = [
             row["run"],
-            f"{100 * row['greedy_wer']:.1f} %",
+            percent(row["greedy_wer"]),
             str(paired_interval(greedy[0], utts)),
-            f"{100 * row['greedy_timestamps_wer']:.1f} %",
-            f"{100 * row['ct2_greedy_wer']:.1f} %",
-            f"{100 * rt['batched']['utterances']['wer_normalised']:.1f} %",
+            percent(row.get("greedy_timestamps_wer")),
+            percent(row["ct2_greedy_wer"]),
+            percent(mode(rt, "batched", "utterances")),
             str(paired_interval(first, realtime_utterances(report, "batched"))),
-            f"{100 * rt['batched']['long_form']['wer_normalised']:.1f} %",
-            f"{100 * rt['sequential']['utterances']['wer_normalised']:.1f} %",
-            f"{100 * rt['sequential']['long_form']['wer_normalised']:.1f} %",
-            f"{rt['sequential']['long_form']['segment_start_error_median_s']:.2f} s",
+            percent(mode(rt, "batched", "long_form")),
+            percent(mode(rt, "sequential", "utterances")),
+            percent(mode(rt, "sequential", "long_form")),
+            "not run" if start is None else f"{start:.2f} s",
         ]
         print("| " + " | ".join(cells) + " |")
 
