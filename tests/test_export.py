@@ -144,6 +144,13 @@ def test_long_form_check_runs_transcribe_with_timestamps(float32_export, capsys)
     printed = capsys.readouterr().out
     assert "long-form     faster-whisper transcribe(), timestamps on, beam 5" in printed
     assert f"{len(check.segments)} segments for {check.utterances} utterances" in printed
+    # RealtimeSTT's default call on the verification clip (a demo clip: its WER is known) and
+    # on the long-form clip.
+    default = report.verification.realtime_default
+    assert isinstance(default.text, str) and default.wer_normalised > 0.5  # random weights
+    assert default.long_form_wer_normalised is not None
+    assert saved["verification"]["realtime_default"]["text"] == default.text
+    assert "RealtimeSTT   default call: BatchedInferencePipeline, VAD on, batch 16" in printed
 
 
 def test_output_holds_processor_files_and_nothing_partial(float32_export):
@@ -215,6 +222,7 @@ def test_a_short_window_model_exports_and_says_faster_whisper_cannot_run_it(tmp_
     printed = capsys.readouterr().out
     assert "window        500 frames" in printed and "faster-whisper not run" in printed
     assert report.verification.long_form is None and "long-form     not run" in printed
+    assert report.verification.realtime_default is None and "RealtimeSTT   not run" in printed
 
 
 def test_int8_export_loads_and_runs(tiny_model, float32_export, tmp_path):

@@ -360,3 +360,39 @@ def test_length_index_is_cached_per_shard_checksums(token_split, tmp_path):
     manifest["shards"][0]["sha256"] = "0" * 64  # rebuilt shards: the old lengths do not apply
     load_or_build_length_index(token_split, manifest, tmp_path, progress=False)
     assert len(list(tmp_path.glob("lengths-*.npz"))) == 2
+
+
+def test_lone_utterances_train_the_per_utterance_input(token_split, tokenizer):
+    """`lone_probability`: that share of utterances gets a window of its own at frame 0,
+    `<|notimestamps|>` and no prompt (what trainer.evaluate's per-utterance WER decodes); the
+    rest pack as before, and at 0 the plan is exactly the old one."""
+    index, limits = synthetic_index([300, 17, 250, 90]), PackingLimits(3000)
+    plain = plan_windows(index, limits, seed=3, epoch=2)
+    assert plain == plan_windows(index, limits, seed=3, epoch=2, lone_probability=0.0)
+    windows = plan_windows(index, limits, seed=3, epoch=2, lone_probability=0.2)
+    lone = [w for w in windows if w[0].lone]
+    assert all(len(w) == 1 and w[0].offset == 0 for w in lone)
+    assert not any(p.lone for w in windows if len(w) > 1 for p in w)
+    share = len(lone) / sum(len(w) for w in windows)
+    assert 0.15 < share < 0.25  # of 657 utterances
+    assert sorted((p.shard, p.index) for w in windows for p in w) == sorted(
+        (p.shard, p.index) for w in plain for p in w
+    )
+    # Every other window timestamped and prompted: the only <|notimestamps|> windows are lone.
+    data = packed_data(token_split, tokenizer, lone_probability=0.5, prompt_probability=1.0)
+    data.settings.timestamp_probability = 1.0
+    notimestamps = data.settings.targets.no_timestamps
+    found = []
+    for batch in data.batches(0):
+        for size, tokens, unlabelled in zip(
+            batch["window_sizes"], batch["tokens"], batch["unlabelled"], strict=True
+        ):
+            if notimestamps in tokens.tolist():
+                found.append((size, int(unlabelled)))
+    lone_windows = sum(w[0].lone for w in data.windows(0))
+    assert found and set(found) == {(1, 0)}  # one utterance, no prompt
+    assert lone_windows - data.dropped_per_epoch(0) <= len(found) <= lone_windows
+    assert data.order_signature()["packing"]["lone_probability"] == 0.5
+    assert (
+        "lone_probability" not in packed_data(token_split, tokenizer).order_signature()["packing"]
+    )

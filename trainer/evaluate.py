@@ -6,7 +6,18 @@ Used during training (`evaluate_split`) and as a command line tool:
     torchrun --nproc_per_node=2 -m trainer.evaluate --model openai/whisper-large-v3-turbo ...
 
 --model is any Whisper folder or hub id, or a CTranslate2 export (a folder holding model.bin),
-decoded through trainer.ct2_backend so both can be compared on the same shards.
+decoded through trainer.ct2_backend so both can be compared on the same shards. `--beam-size`
+(alias `--num-beams`) scores either in greedy (1, the default) or beam search (5 is
+faster-whisper's and RealtimeSTT's).
+
+The product's own decoding: with `--audio-source DATASET` (the dataset the split was built
+from; the shards hold features, faster-whisper takes audio) a CTranslate2 export is also run
+through faster-whisper in RealtimeSTT's modes (trainer.realtime_modes: `BatchedInferencePipeline`
+with VAD, batch 16, beam 5, no timestamps, its default; `WhisperModel.transcribe` with
+timestamps, its `batch_size=0`; each with and without an `initial_prompt`), on single utterances
+and on long files joined from the split:
+
+    python -m trainer.evaluate --model models/ct2 --shards SHARDS/test --audio-source demo/corpus
 
 The per-utterance WER is the headline (it is what published Whisper WERs mean). Beside it, the
 packed evaluation (`evaluate_packed`, on by default in training, `--packed` here) decodes the
@@ -432,7 +443,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per decoding batch")
-    parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
+    parser.add_argument(
+        "--beam-size",
+        "--num-beams",
+        dest="beam_size",
+        type=int,
+        default=1,
+        help="per-utterance and packed decoding: 1 = greedy, 5 = the beam faster-whisper uses",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=225, help="longest transcript")
     parser.add_argument("--language", default="de")
     parser.add_argument("--task", default="transcribe")
@@ -455,6 +473,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--packed-gap-seconds", type=float, default=0.5, help="packed: silence between utterances"
+    )
+    parser.add_argument(
+        "--audio-source",
+        default=None,
+        metavar="DATASET",
+        help="also decode a CTranslate2 export through faster-whisper as RealtimeSTT does "
+        "(trainer.realtime_modes), reading each sample's audio from DATASET, the dataset the "
+        "split was built from (e.g. demo/corpus)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="all",
+        help="with --audio-source: all, or some of batched (RealtimeSTT's default), "
+        "batched-prompt, sequential (its batch_size=0), sequential-prompt",
+    )
+    parser.add_argument(
+        "--long-form-seconds",
+        type=float,
+        default=45.0,
+        help="with --audio-source: also join consecutive utterances into files of at least "
+        "this many seconds and decode those (0 = single utterances only)",
+    )
+    parser.add_argument(
+        "--long-form-gap-seconds",
+        type=float,
+        default=0.7,
+        help="with --audio-source: silence between the utterances of a long file",
+    )
+    parser.add_argument(
+        "--realtime-max-new-tokens",
+        type=int,
+        default=None,
+        help="with --audio-source: faster-whisper's max_new_tokens (default: none, as "
+        "RealtimeSTT calls it)",
     )
     parser.add_argument(
         "--worst",
@@ -501,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         decoder, n_mels, fingerprint = load_decoder(args, info)
         try:
+            modes = check_realtime_request(args, decoder)
             split_dir = storage.local_split(args.shards, args.shard_cache, info.is_main)
             check_split(split_dir, n_mels, fingerprint, decoder.window_frames)
         except (ValueError, storage.ShardFetchError) as error:
@@ -540,11 +593,24 @@ def main(argv: list[str] | None = None) -> int:
             )
             if report is not None:
                 report.update(packed)
+        realtime_details = {}
+        if modes and info.is_main:
+            try:
+                report["realtime"], realtime_details = evaluate_realtime(
+                    args, split_dir, modes, info.device.type
+                )
+            except ValueError as error:
+                print(f"error: {error}")
+                return 2
         if info.is_main:
             kind = "ctranslate2" if isinstance(decoder, CT2Decoder) else "transformers"
             report = {"model": args.model, "backend": kind, "shards": args.shards, **report}
             print(f"model: {args.model} ({kind})   shards: {args.shards}")
             print(format_report(report))
+            if modes:
+                from trainer.realtime_modes import format_modes
+
+                print(format_modes(report["realtime"]))
             for u in utterances:
                 u["wer_normalised"] = utterance_wer(u["reference"], u["hypothesis"])
             if args.worst:
@@ -559,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             report["utterances"] = utterances
             if windows:
                 report["packed"] = windows
+            if realtime_details:
+                report["realtime_decoded"] = realtime_details
             if args.output:
                 Path(args.output).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -566,6 +634,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         distributed.cleanup_distributed()
+
+
+def check_realtime_request(args: argparse.Namespace, decoder) -> list:
+    """The faster-whisper modes asked for (none without --audio-source), or ValueError when
+    this model cannot run them."""
+    if not args.audio_source:
+        return []
+    from trainer.realtime_modes import parse_modes
+
+    modes = parse_modes(args.modes)
+    if not isinstance(decoder, CT2Decoder):
+        raise ValueError(
+            "--audio-source decodes through faster-whisper, which runs a CTranslate2 export: "
+            "export the model first (python -m trainer.export) and pass that folder as --model"
+        )
+    if decoder.window_frames != contract.MAX_FRAMES:
+        raise ValueError(
+            f"--audio-source: faster-whisper pads every window to {contract.MAX_FRAMES} frames, "
+            f"and this export's window is {decoder.window_frames}"
+        )
+    return modes
+
+
+def evaluate_realtime(args: argparse.Namespace, split_dir: Path, modes: list, device: str):
+    """(report, details) of trainer.realtime_modes on the split's audio, on this rank (rank 0:
+    faster-whisper decodes one file at a time, so the modes are not split across ranks)."""
+    from trainer.realtime_modes import RealtimeTranscriber, evaluate_modes, split_clips
+
+    clips = split_clips(split_dir, args.audio_source, args.limit)
+    transcriber = RealtimeTranscriber(
+        args.model,
+        device="cuda" if device == "cuda" else "cpu",
+        language=args.language,
+        task=args.task,
+        max_new_tokens=args.realtime_max_new_tokens,
+    )
+    return evaluate_modes(
+        transcriber, clips, modes, args.long_form_seconds, args.long_form_gap_seconds
+    )
 
 
 def _nan_low(value: float) -> float:

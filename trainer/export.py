@@ -17,7 +17,10 @@ converted folder needs to be usable and trustworthy:
   joined references, and how far the segment starts lie from the true utterance starts
   (trainer.longform). Its figures are reported, never a reason to fail: the export cannot know
   whether the model is meant to be good yet (the demo's random preset is not). It fails only
-  when faster-whisper itself fails; --strict also fails an export that gives no segment at all.
+  when faster-whisper itself fails; --strict also fails an export that gives no segment at all;
+- RealtimeSTT's default call (`BatchedInferencePipeline`, VAD on, batch 16, beam 5, no
+  timestamps; trainer.realtime_modes) on the verification clip and the long-form clip, reported
+  with its WER where the transcript is known.
 """
 
 from __future__ import annotations
@@ -103,6 +106,19 @@ class Verification:
     ct2_text: str
     faster_whisper_text: str | None  # None: faster-whisper cannot run this window (see below)
     long_form: LongFormCheck | None = None  # None: skipped, or a window faster-whisper can't run
+    realtime_default: RealtimeDefaultCheck | None = None  # None: a window faster-whisper can't run
+
+
+@dataclass
+class RealtimeDefaultCheck:
+    """RealtimeSTT's default call (trainer.realtime_modes `batched`: BatchedInferencePipeline,
+    VAD on, batch 16, beam 5, no timestamps) on the verification clip and the long-form clip."""
+
+    text: str  # of the verification clip
+    wer_normalised: float | None  # of that clip, when it is a demo clip with a transcript
+    long_form_wer_normalised: float | None  # None: the long-form check was skipped
+    long_form_text: str | None
+    seconds_taken: float
 
 
 @dataclass
@@ -273,6 +289,23 @@ def load_audio(path: str) -> tuple[np.ndarray, str]:
     return first_demo_clip()
 
 
+def demo_transcript(audio_name: str) -> str | None:
+    """The transcript of a clip `first_demo_clip` named; None for any other audio."""
+    import pyarrow.parquet as pq
+
+    file_name, _, clip_path = audio_name.partition(":")
+    path = DEMO_CORPUS_DATA / file_name
+    if not clip_path or not path.is_file():
+        return None
+    table = pq.read_table(path, columns=["audio", "transkription"])
+    for row, text in zip(
+        table.column("audio").to_pylist(), table.column("transkription").to_pylist(), strict=True
+    ):
+        if row["path"] == clip_path:
+            return text
+    return None
+
+
 def first_demo_clip() -> tuple[np.ndarray, str]:
     import pyarrow.parquet as pq
 
@@ -358,6 +391,45 @@ def long_form_check(folder: Path, config: ExportConfig) -> LongFormCheck | None:
         summary=start_error_summary(errors),
         reference=reference,
         text=text,
+        seconds_taken=time.perf_counter() - started,
+    )
+
+
+def realtime_default_check(
+    folder: Path, audio: np.ndarray, audio_name: str, config: ExportConfig
+) -> RealtimeDefaultCheck | None:
+    """What RealtimeSTT's defaults make of the verification clip and of the long-form clip;
+    None for a model whose window faster-whisper cannot feed."""
+    from trainer.ct2_backend import export_window_frames
+    from trainer.metrics import wer_report
+    from trainer.realtime_modes import DEFAULT_MODE, MODES, RealtimeTranscriber
+
+    if export_window_frames(folder) != FASTER_WHISPER_FRAMES:
+        return None
+    started = time.perf_counter()
+    mode = MODES[DEFAULT_MODE]
+    transcriber = RealtimeTranscriber(
+        folder,
+        device=config.device,
+        compute_type=config.compute_type,
+        language=config.language,
+        task=config.task,
+        max_new_tokens=config.max_new_tokens,
+    )
+    text = " ".join(s["text"] for s in transcriber(audio, mode, None)).strip()
+    reference = demo_transcript(audio_name)
+    wer = None if reference is None else wer_report([reference], [text], ["x"])["wer_normalised"]
+    long_wer, long_text = None, None
+    if config.long_form_seconds > 0:
+        long_audio, _, texts, _ = demo_long_clip(config.long_form_seconds)
+        transcriber.max_new_tokens = None  # as RealtimeSTT calls it; a window may hold much
+        long_text = " ".join(s["text"] for s in transcriber(long_audio, mode, None)).strip()
+        long_wer = wer_report([" ".join(texts)], [long_text], ["x"])["wer_normalised"]
+    return RealtimeDefaultCheck(
+        text=text,
+        wer_normalised=wer,
+        long_form_wer_normalised=long_wer,
+        long_form_text=long_text,
         seconds_taken=time.perf_counter() - started,
     )
 
@@ -463,6 +535,7 @@ def verify(folder: Path, config: ExportConfig) -> Verification:
         ct2_text=transcriber.decode(ct2_tokens),
         faster_whisper_text=faster_whisper_text(folder, audio, config),
         long_form=long_form_check(folder, config),
+        realtime_default=realtime_default_check(folder, audio, audio_name, config),
     )
 
 
@@ -584,6 +657,21 @@ def print_report(report: ExportReport) -> None:
     else:
         print(f"    faster-whisper {check.faster_whisper_text!r}")
     print_long_form(check.long_form)
+    print_realtime_default(check.realtime_default)
+
+
+def print_realtime_default(check: RealtimeDefaultCheck | None) -> None:
+    if check is None:
+        print("  RealtimeSTT   not run (a window other than 30 s)")
+        return
+    print(
+        "  RealtimeSTT   default call: BatchedInferencePipeline, VAD on, batch 16, beam 5, "
+        f"no timestamps ({check.seconds_taken:.1f} s)"
+    )
+    wer = "" if check.wer_normalised is None else f" (WER normalised {check.wer_normalised:.1%})"
+    print(f"    clip       {check.text!r}{wer}")
+    if check.long_form_wer_normalised is not None:
+        print(f"    long-form  WER normalised {check.long_form_wer_normalised:.1%}")
 
 
 def print_long_form(check: LongFormCheck | None) -> None:

@@ -26,8 +26,10 @@ Targets, every id from the tokenizer:
     [<|startofprev|> prompt...] <|startoftranscript|><|de|><|transcribe|>
         <|t_start|> text <|t_end|> <|t_start|> text <|t_end|> ... <|endoftext|>
 or, with probability 1 - timestamp_probability, `<|notimestamps|>` and the texts one after the
-other. Each text starts with a space token, as Whisper's own segments do (" Hallo Welt."); the
-stored tokens have none, so the first word is re-encoded. The prompt (probability
+other. An utterance drawn lone (`lone_probability`) has a window to itself from frame 0,
+`<|notimestamps|>` and no prompt: the input of `trainer.evaluate`'s per-utterance WER. Each
+text starts with a space token, as Whisper's own segments do (" Hallo Welt."); the stored
+tokens have none, so the first word is re-encoded. The prompt (probability
 `prompt_probability`) is the previous window's text, its last tokens up to 223 (Whisper's
 limit) and to what the 448 positions leave; its positions carry no label.
 """
@@ -67,6 +69,7 @@ FRAMES_PER_STEP = 2  # 10 ms frames per timestamp step
 GAP_FILL = float("-inf")  # below any log-mel value: the device raises it to the window floor
 _GAP_STREAM = 11  # generator tags, independent of trainer.sampling's
 _WINDOW_STREAM = 12
+_LONE_STREAM = 13
 # Planned token cost of one utterance beyond its stored text tokens: two timestamps and one
 # for the space the first word gains.
 _TOKENS_PER_UTTERANCE = 3
@@ -160,11 +163,13 @@ def build_length_index(
 
 @dataclass(frozen=True)
 class Placed:
-    """One utterance in a window: stored sample `index` of shard `shard`, from frame `offset`."""
+    """One utterance in a window: stored sample `index` of shard `shard`, from frame `offset`;
+    `lone`: drawn to be trained alone (`lone_probability`), as one utterance per window is."""
 
     shard: int
     index: int
     offset: int
+    lone: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,11 @@ def pack_stream(
     gaps: Sequence[int],
     limits: PackingLimits,
     open_windows: int = OPEN_WINDOWS,
+    lone: Sequence[bool] | None = None,
 ) -> list[tuple[Placed, ...]]:
     """Windows of the stream `items` ((shard, index) pairs), first-fit into `open_windows`.
+
+    An utterance flagged in `lone` gets a window of its own at frame 0, closed at once.
 
     Utterance i goes after a silence of `gaps[i]` frames into the first open window where its
     frames and tokens fit; if none has room it opens a new window, and the oldest window is
@@ -210,7 +218,13 @@ def pack_stream(
     token_budget = limits.max_tokens - _FIXED_TOKENS
     open_: list[list] = []  # [placed list, next free frame, tokens used]
     closed: list[tuple[Placed, ...]] = []
-    for (shard, index), length, text, gap in zip(items, frames, text_tokens, gaps, strict=True):
+    lone = lone if lone is not None else [False] * len(items)
+    for (shard, index), length, text, gap, alone in zip(
+        items, frames, text_tokens, gaps, lone, strict=True
+    ):
+        if alone:
+            closed.append((Placed(int(shard), int(index), 0, lone=True),))
+            continue
         cost = int(text) + _TOKENS_PER_UTTERANCE
         for window in open_:
             offset = even_up(window[1] + gap)
@@ -246,8 +260,12 @@ def plan_windows(
     seed: int,
     epoch: int | None,
     limit: int | None = None,
+    lone_probability: float = 0.0,
 ) -> list[tuple[Placed, ...]]:
-    """The epoch's windows; `epoch=None` packs the stored order (evaluation), first `limit`."""
+    """The epoch's windows; `epoch=None` packs the stored order (evaluation), first `limit`.
+
+    Each utterance is drawn lone with `lone_probability` (a generator keyed by seed and epoch).
+    """
     if epoch is None:
         items = [(s, i) for s, frames in enumerate(index.frames) for i in range(len(frames))]
         items = items[:limit] if limit is not None else items
@@ -255,8 +273,10 @@ def plan_windows(
         items = epoch_stream([len(f) for f in index.frames], seed, epoch)
     frames = [index.frames[s][i] for s, i in items]
     texts = [index.text_tokens[s][i] for s, i in items]
-    gaps = gap_frames(len(items), limits, (seed, -1 if epoch is None else epoch))
-    return pack_stream(items, frames, texts, gaps, limits)
+    key = (seed, -1 if epoch is None else epoch)
+    gaps = gap_frames(len(items), limits, key)
+    lone = sampling.order_rng(_LONE_STREAM, *key).random(len(items)) < lone_probability
+    return pack_stream(items, frames, texts, gaps, limits, lone=lone.tolist())
 
 
 # --- reading and building one window -----------------------------------------------------------
@@ -490,6 +510,8 @@ def window_batches(
                 settings.timestamp_probability,
                 settings.prompt_probability,
             )
+            if placed[0].lone:
+                choices = WindowChoices(timestamps=False, prompt=False)
             window = build_window(samples, placed, settings.targets, choices, prompt)
             prompt = prompt_of(window["texts"])
             built.append(window)
@@ -586,7 +608,11 @@ class PackedTrainData:
     def windows(self, epoch: int) -> list[tuple[Placed, ...]]:
         if epoch not in self._planned:
             self._planned[epoch] = plan_windows(
-                self.index, self.limits, seed=self.config.seed, epoch=epoch
+                self.index,
+                self.limits,
+                seed=self.config.seed,
+                epoch=epoch,
+                lone_probability=self.config.lone_probability,
             )
             if len(self._planned) > 2:
                 self._planned.popitem(last=False)
@@ -632,7 +658,7 @@ class PackedTrainData:
         )
 
     def order_signature(self) -> dict[str, Any]:
-        return {
+        signature = {
             "shards": [[shard["name"], shard["sha256"]] for shard in self.manifest["shards"]],
             "world_size": self.world_size,
             "loader_workers": self.workers,
@@ -648,6 +674,9 @@ class PackedTrainData:
                 "prompt_probability": self.config.prompt_probability,
             },
         }
+        if self.config.lone_probability:  # absent at 0, so checkpoints from before still match
+            signature["packing"]["lone_probability"] = self.config.lone_probability
+        return signature
 
     def batches(self, epoch: int, start_batch: int = 0) -> DataLoader:
         total = self.batches_per_epoch(epoch)
