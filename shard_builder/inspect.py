@@ -4,8 +4,10 @@ It reads what the builder reads (a hub dataset id, a local parquet folder laid o
 repo, a folder written by `datasets`' save_to_disk) or what it writes (a shard split: a folder
 with manifest.json, or the output folder holding one per split), and prints per split the
 columns and their types, a few rows, the rows per source, and histograms of durations and
-target token counts, with how many rows the builder rejects as `too_long` (its own rule,
-`contract.exceeds_window`, against the model's window). `--json` prints the same as JSON.
+target token counts, with how many rows are longer than the model's window (the builder's own
+rule, `contract.exceeds_window`): those the builder splits at pauses (`--long-audio split`, the
+default), rejects as `too_long_unaligned` when the split is not confident, or rejects as
+`too_long` (`--long-audio reject`). `--json` prints the same as JSON (`too_long` counts them).
 
 Only a sample of rows is read (`--sample-rows`): parquet row groups spread over the split,
 chosen from the footers, so a hub dataset answers without being downloaded. Row
@@ -155,7 +157,7 @@ def read_shard_split(split_dir: Path, budget: int) -> SplitFigures:
             key: manifest[key]
             for key in ("num_input_rows", "num_rejected", "rejects_by_reason", "audio_hours")
         }
-        | {"max_frames": max_frames_of(manifest)},
+        | {"max_frames": max_frames_of(manifest), "num_split": manifest.get("num_split", 0)},
     )
     with ShardReader(split_dir, names) as reader:
         for shard in sorted(picked):
@@ -235,7 +237,12 @@ def split_report(figures: SplitFigures, max_frames: int) -> dict[str, Any]:
     tokens = [r.tokens for r in figures.rows if r.tokens is not None]
     inspected = len(figures.rows)
     if "rejects_by_reason" in figures.notes:  # built: the builder counted its rejects exactly
-        too_long = figures.notes["rejects_by_reason"].get("too_long", 0)
+        rejects = figures.notes["rejects_by_reason"]
+        too_long = (
+            rejects.get("too_long", 0)
+            + rejects.get("too_long_unaligned", 0)
+            + figures.notes.get("num_split", 0)
+        )
         too_long_share = too_long / figures.notes["num_input_rows"]
     else:
         too_long = sum(
@@ -310,8 +317,9 @@ def format_report(report: dict[str, Any]) -> str:
             )
             lines += format_bins(figures["duration_histogram"], "s", inspected)
         lines.append(
-            f"  longer than the model's {figures['window_seconds']:g} s window (rejected as "
-            f"too_long): {figures['too_long']} ({100 * figures['too_long_share']:.2f} %)"
+            f"  longer than the model's {figures['window_seconds']:g} s window (split at pauses, "
+            f"or rejected: --long-audio): {figures['too_long']} "
+            f"({100 * figures['too_long_share']:.2f} %)"
         )
         if figures["unreadable_audio"] or figures["empty_audio"]:
             lines.append(

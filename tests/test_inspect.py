@@ -39,28 +39,29 @@ def test_demo_corpus_figures_match_what_the_builder_does(demo_shards):
     report, seconds = run_inspect(str(DEMO_CORPUS), "--model", str(TINY_MODEL))
     assert report["kind"] == "parquet_folder" and seconds < 60
     train, test = report["splits"]["train"], report["splits"]["test"]
-    assert (train["num_rows"], test["num_rows"]) == (268, 62)
-    assert train["rows_inspected"] == 268  # under the sample budget: every row
+    assert (train["num_rows"], test["num_rows"]) == (272, 62)
+    assert train["rows_inspected"] == 272  # under the sample budget: every row
     assert train["columns"] == {
         "audio": "struct<bytes: binary, path: string>",
         "transkription": "string",
         "source": "string",
     }
-    assert sum(train["sources"].values()) == 268
+    assert sum(train["sources"].values()) == 272
     assert set(train["sources"]) == {"espeak-demo-male", "espeak-demo-female", "espeak-demo-klatt"}
     example = train["examples"][0]
     assert example["text"] and example["source"] and 1 < example["duration"] < 5
-    # The builder's own verdicts on the same rows (demo/README.md: one 33.7 s clip, one file
-    # that is not audio, one WAV without frames).
+    # The builder's own verdicts on the same rows (demo/README.md: a 33.7 s clip and four long
+    # rows of 37-42 s, which the tiny random preset cannot split confidently, one file that is
+    # not audio, one WAV without frames).
     manifest = load_manifest(demo_shards / "train")
-    assert train["too_long"] == manifest["rejects_by_reason"]["too_long"] == 1
-    assert train["too_long_share"] == pytest.approx(1 / 268)
+    assert train["too_long"] == manifest["rejects_by_reason"]["too_long_unaligned"] == 5
+    assert train["too_long_share"] == pytest.approx(5 / 272)
     assert train["window_seconds"] == 5  # the tiny preset's window, read from its extractor
     assert train["unreadable_audio"] == 1 and train["empty_audio"] == 1
-    assert train["duration_seconds"]["max"] == pytest.approx(33.7, abs=0.05)
+    assert train["duration_seconds"]["max"] > 37
     bins = train["duration_histogram"]
-    assert sum(b["count"] for b in bins) == 267  # every readable clip in one bin
-    assert bins[-1] == {"from": 5, "to": None, "count": 1}
+    assert sum(b["count"] for b in bins) == 271  # every readable clip in one bin
+    assert bins[-1] == {"from": 5, "to": None, "count": 5}
     assert test["too_long"] == 0 and sum(test["sources"].values()) == 62
     assert train["tokens"]["min"] >= 4 and train["tokens"]["max"] <= 448
 
@@ -75,7 +76,7 @@ def test_demo_shards_figures_come_from_the_manifest_and_the_samples(demo_shards)
     assert train["columns"]["tokens.npy"] == "int32 [n]"
     assert {"json.text", "json.source", "json.duration", "json.pad_value"} <= set(train["columns"])
     assert train["manifest"]["rejects_by_reason"] == manifest["rejects_by_reason"]
-    assert train["too_long"] == 1 and train["too_long_share"] == pytest.approx(1 / 268)
+    assert train["too_long"] == 5 and train["too_long_share"] == pytest.approx(5 / 272)
     assert sum(train["sources"].values()) == 264
     assert sum(b["count"] for b in train["token_histogram"]) == 264
     assert train["tokens"]["max"] <= 448 and train["empty_audio"] == 0
@@ -86,7 +87,10 @@ def test_text_report_names_the_rule_and_draws_histograms(demo_shards):
 
     report = format_report(inspect(parse_args([str(demo_shards), "--splits", "train"])))
     assert "[train] 264 rows; 264 inspected (all)" in report
-    assert "longer than the model's 5 s window (rejected as too_long): 1 (0.37 %)" in report
+    assert (
+        "longer than the model's 5 s window (split at pauses, or rejected: --long-audio): "
+        "5 (1.84 %)" in report
+    )
     assert "mel.npy: float16 [80, n]" in report and "|####" in report
 
 
@@ -138,7 +142,7 @@ def test_hub_code_path_reads_only_footers_and_sampled_row_groups():
     report = inspect(args, source=source)
     train = report["splits"]["train"]
     assert report["kind"] == "hub"
-    assert train["num_rows"] == 268  # exact, from the footer
+    assert train["num_rows"] == 272  # exact, from the footer
     assert train["rows_inspected"] == 100  # one whole row group of the three
     assert sum(train["sources"].values()) == 100
     assert 0 < fs.bytes_read < 0.6 * sizes["train"], (fs.bytes_read, sizes["train"])
