@@ -27,5 +27,4 @@ elapsed=$((SECONDS - started))
 kill -- "-$demo" 2>/dev/null || true
 wait "$demo" 2>/dev/null || true
 grep -E '^(ready|setup took)' "$work/demo.log" || true
-echo "user+sys CPU seconds of the whole measurement: $(times | tail -1)"
 echo "fresh clone + new virtualenv: demo.sh reached its first build step after ${elapsed} s (LOCK=${LOCK-default})"
