@@ -49,6 +49,8 @@ EXTRA_USERS = {
     "export": (
         "trainer/export.py",
         "trainer/ct2_backend.py",
+        # RealtimeSTT's decoding modes run the export through faster-whisper.
+        "trainer/realtime_modes.py",
         "trainer/model_card.py",
         "trainer/publish.py",
     ),
@@ -110,10 +112,11 @@ def _modules_run_with_m(elements: list[ast.expr]) -> set[str]:
 
 
 def is_local(top: str, file: Path) -> bool:
-    """The project's own packages, and modules beside the importing file (bench_common)."""
+    """The project's own packages, modules beside the importing file (bench_common), and the
+    scripts a benchmark puts on its path (bench/make_bench_corpus.py: make_demo_corpus)."""
     return any(
         (folder / top).is_dir() or (folder / f"{top}.py").is_file()
-        for folder in (REPO, file.parent)
+        for folder in (REPO, file.parent, REPO / "scripts")
     )
 
 
