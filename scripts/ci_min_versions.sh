@@ -73,7 +73,10 @@ compile_floors() {  # compile_floors OUTPUT [--extra NAME | --all-extras]...
 }
 
 step "2/8 resolve: every direct dependency at its floor (all extras, then core + ${EXTRAS[*]})"
-floors --all | sort -u >"$OUT/floors.txt"
+# Across all extras the floors are lower bounds, not pins: one extra's floor may lift a core
+# package's (s3fs 2026.9, the remote extra's floor, needs fsspec 2026.9, while the core alone
+# runs on fsspec 2023.6); lowest-direct then proves every floor installable beside the others.
+floors --all | sed 's/==/>=/' | sort -u >"$OUT/floors.txt"
 run resolve-all-extras compile_floors "$OUT/all-extras.txt" --all-extras
 floors "${EXTRAS[@]}" | sort -u >"$OUT/floors.txt"
 extra_flags=()
