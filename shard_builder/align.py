@@ -136,10 +136,10 @@ class Aligner:
     def __init__(self, model_name: str, language: str, task: str) -> None:
         import torch
         from transformers import (
+            AutoTokenizer,
             WhisperConfig,
             WhisperFeatureExtractor,
             WhisperForConditionalGeneration,
-            WhisperTokenizer,
         )
 
         from shard_builder.features import LogMelExtractor
@@ -159,7 +159,9 @@ class Aligner:
         self.random_weights = weightless
         extractor = WhisperFeatureExtractor.from_pretrained(model_name)
         self.mel = LogMelExtractor(extractor.mel_filters, int(extractor.nb_max_frames))
-        tokenizer = WhisperTokenizer.from_pretrained(model_name)
+        # Not WhisperTokenizer: in transformers 4.x that is the slow one, which needs vocab.json
+        # (the builder's reason too, build.py).
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
         tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
         self.tokenizer = tokenizer
         self.prefix = [int(t) for t in tokenizer.prefix_tokens]

@@ -350,12 +350,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def target_tokenizer(model: str, language: str, task: str):
     """count(text) -> target length, with the builder's TargetEncoder; None for what it rejects."""
-    from transformers import WhisperTokenizer
+    from transformers import AutoTokenizer  # the builder's choice (build.py says why)
 
     from shard_builder.audio import RejectedRow
     from shard_builder.tokens import TargetEncoder
 
-    encoder = TargetEncoder(WhisperTokenizer.from_pretrained(model), language, task)
+    encoder = TargetEncoder(AutoTokenizer.from_pretrained(model), language, task)
     tokenizer = encoder.tokenizer
 
     def count(text: str | None) -> int | None:
