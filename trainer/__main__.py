@@ -5,9 +5,15 @@
 options (`--gpu`, `--world-size`, `--json`, ...) are accepted after it.
 """
 
+import os
 import sys
 
-from trainer.config import load_config
+# The loaders fork their workers after the tokenizer has run; with its thread pool started, a
+# fork can deadlock (tokenizers warns of it): an evaluation loader's worker hung this way in the
+# minimum-versions CI run. Off unless the user set it.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trainer.config import load_config  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> int:
