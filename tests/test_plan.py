@@ -11,16 +11,15 @@ import contextlib
 import gc
 import io
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from tests._trainer_run import spawn_ranks
 from trainer import plan
 from trainer.__main__ import run as trainer_main
 from trainer.distributed import Dist
@@ -118,23 +117,11 @@ def _zero_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         dist.destroy_process_group()
 
 
-def _spawn_with_deadline(fn, args: tuple, nprocs: int, seconds: float = 180) -> None:
-    """mp.spawn that fails the test instead of hanging CI when a rank never returns."""
-    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + seconds
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            alive = [i for i, p in enumerate(context.processes) if p.exitcode is None]
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"ranks {alive} still running after {seconds} s: killed")
-
-
 def test_zero1_and_ddp_hold_what_the_plan_counts_on_two_ranks(tmp_path):
     """ZeroRedundancyOptimizer's shares equal the plan's; the trainer's DDP keeps the gradients
     in its all-reduce buckets (a few flat storages, not one per parameter), so the plan counts
     them once."""
-    _spawn_with_deadline(_zero_rank, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    spawn_ranks(_zero_rank, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     held = [rank["optimizer"] for rank in ranks]
 
