@@ -47,7 +47,7 @@ def build(args, device):
 
 def run_ours(args, device) -> dict:
     from trainer.model import decoder_inputs_and_labels, token_loss
-    from trainer.optim import autocast
+    from trainer.runtime.optim import autocast
 
     model = build(args, device)
     optimizer = torch.optim.AdamW(

@@ -1,4 +1,4 @@
-"""Training loader throughput: tar shards + trainer.data against the old padded Arrow cache.
+"""Training loader throughput: tar shards + trainer.data.loader against the old padded Arrow cache.
 
 New way: `TrainData.batches()` over 128-bin shards of the demo corpus (trimmed float16,
 bucketed), then `pad_features_to_full` to 3000 frames as the trainer does on its device (here
@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from bench_common import model_with_bins  # noqa: E402
 
 from shard_builder.contract import MANIFEST_NAME, MAX_FRAMES, load_manifest  # noqa: E402
-from trainer import sampling  # noqa: E402
-from trainer.data import (  # noqa: E402
+from trainer.data import sampling  # noqa: E402
+from trainer.data.loader import (  # noqa: E402
     IGNORE_INDEX,
     DataConfig,
     TrainData,

@@ -9,9 +9,10 @@ full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base
    with a breakdown of the greedy errors (substitutions, deletions, insertions; insertions after
    the last reference word, errors on the first word) to see where a gap between modes comes
    from;
-2. the int8 CTranslate2 export through `trainer.evaluate --audio-source` (trainer.realtime_modes):
-   RealtimeSTT's default (`batched`) and its `batch_size=0` call (`sequential`, timestamps), each
-   with and without a prompt, on single utterances and on 45 s files joined from the test split.
+2. the int8 CTranslate2 export through `trainer.evaluate --audio-source`
+   (trainer.decoding.realtime_modes): RealtimeSTT's default (`batched`) and its `batch_size=0` call
+   (`sequential`, timestamps), each with and without a prompt, on single utterances and on
+   45 s files joined from the test split.
 
     python bench/bench_pack_default.py --model PATH/whisper-base --corpus out/bench-corpus \
         --shards out/bench-shards --out out/pack-default \
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.metrics import normalise  # noqa: E402
+from trainer.watch.metrics import normalise  # noqa: E402
 
 
 def run(command: list[str], log: Path) -> None:
@@ -119,11 +120,11 @@ def timestamped_per_utterance(args, model: str, report: Path) -> dict:
     with timestamps on (no <|notimestamps|>): the mode packed windows mostly train."""
     if report.is_file():
         return json.loads(report.read_text())
-    from trainer.data import DataConfig, eval_batches, pad_features_to_full
+    from trainer.data.loader import DataConfig, eval_batches, pad_features_to_full
+    from trainer.decoding.longform import segments_from_ids
     from trainer.evaluate import HFDecoder
-    from trainer.longform import segments_from_ids
-    from trainer.metrics import wer_report
     from trainer.model import ModelConfig, load_model
+    from trainer.watch.metrics import wer_report
 
     hf, processor = load_model(
         ModelConfig(name_or_path=model, gradient_checkpointing=False), for_training=False

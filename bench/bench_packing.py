@@ -1,7 +1,7 @@
 """Packed 30 s windows against one utterance per window: FLOPs and CPU time per utterance.
 
 Utterance lengths are drawn from a log-normal fit of the real dataset's clip lengths (see
-`draw_utterances`), packed by the trainer's own planner (`trainer.packing.plan_windows` with
+`draw_utterances`), packed by the trainer's own planner (`trainer.data.packing.plan_windows` with
 `DataConfig()`'s gap range) and, in both modes, cut into batches the way the trainer does
 (`sampling.bucket_batches`, buffer 64, batch 4: rows padded to the longest in their batch).
 
@@ -51,8 +51,8 @@ from shard_builder.contract import (  # noqa: E402
     MAX_TARGET_POSITIONS,
     frames_touching_audio,
 )
-from trainer import packing, sampling  # noqa: E402
-from trainer.data import DataConfig  # noqa: E402
+from trainer.data import packing, sampling  # noqa: E402
+from trainer.data.loader import DataConfig  # noqa: E402
 from trainer.loop import model_inputs  # noqa: E402
 from trainer.model import decoder_inputs_and_labels, token_loss  # noqa: E402
 

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shard_builder import contract  # noqa: E402
-from trainer.longform import match_starts, start_error_summary  # noqa: E402
-from trainer.metrics import normalise, wer_report  # noqa: E402
+from trainer.decoding.longform import match_starts, start_error_summary  # noqa: E402
+from trainer.watch.metrics import normalise, wer_report  # noqa: E402
 
 SAMPLING_RATE = contract.SAMPLING_RATE
 LONG_FILE_SECONDS = (30.0, 60.0)
@@ -97,7 +97,7 @@ def per_utterance_wer(model: str, shards: Path, out: Path) -> list[dict]:
 
 
 def train_texts(shards: Path) -> set[str]:
-    from trainer.data import iter_split_samples
+    from trainer.data.loader import iter_split_samples
 
     return {normalise(sample["text"]) for sample in iter_split_samples(shards / "train")}
 
@@ -107,7 +107,7 @@ def test_clips(shards: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     from shard_builder.audio import decode_audio
-    from trainer.data import iter_split_samples
+    from trainer.data.loader import iter_split_samples
 
     table = pq.read_table(next((REPO / "demo/corpus/data").glob("test-*.parquet")))
     audio = table.column("audio").to_pylist()

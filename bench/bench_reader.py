@@ -31,7 +31,7 @@ import json, sys, time
 sys.path.insert(0, {checkout!r})
 import torch
 torch.set_num_threads(1)
-from trainer.data import DataConfig, TrainData
+from trainer.data.loader import DataConfig, TrainData
 config = DataConfig(batch_size={batch}, num_workers={workers}, bucket_buffer=64, pack=False)
 data = TrainData({split!r}, config, rank=0, world_size=1)
 start = time.perf_counter()

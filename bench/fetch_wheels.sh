@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 DEST=${DEST:-.whl}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(
-    jiwer rapidfuzz                 # WER (trainer.metrics); jiwer's click is on the image
+    jiwer rapidfuzz                 # WER (trainer.watch.metrics); jiwer's click is on the image
     python-dotenv                   # the .env layer of the config
     soundfile cffi pycparser        # the shard builder's audio decoding
     soxr                            # resampling

@@ -5,10 +5,10 @@ tiny preset's tokenizer) on shards built from demo/corpus at 128 mel bins and 30
 real trainer (`python -m torch.distributed.run --nproc_per_node 2 -m trainer`) with its defaults
 (packed, fp16 + GradScaler, ZeRO-1, accumulation 12, gradient checkpointing; micro-batch
 GPU_CHECK_BATCH_SIZE, default `auto`) as two ranks sharing the GPU over gloo, each capped at a
-16 GB card's memory (TRAINER_MEMORY_FRACTION, trainer/gpu_sharing.py); a few steps, an
+16 GB card's memory (TRAINER_MEMORY_FRACTION, trainer/runtime/gpu_sharing.py); a few steps, an
 evaluation and a checkpoint, rank 0 SIGKILLed mid-step (TRAINER_DEBUG_KILL_AT_STEP), a resume to
 the end with another evaluation and checkpoint; the peak memory of every phase and rank
-(RUN/memory/, trainer/memory_phases.py) beside `trainer.plan`'s prediction; then
+(RUN/memory/, trainer/runtime/memory_phases.py) beside `trainer.plan`'s prediction; then
 bench/bench_gpu.py: windows/s and MFU of the project's step against Hugging Face's
 Seq2SeqTrainer, and utterances/s from the plan's utterances per window.
 
@@ -278,7 +278,8 @@ def sequence(check: Check, cuda: bool, batch: str, summary: dict) -> bool:
 def environment(cuda: bool, summary: dict) -> tuple[dict, Path]:
     """The phases' environment and the model folder: on CUDA two gloo ranks on one GPU, each
     held to the planned card; on the CPU the tiny preset."""
-    from trainer import gpu_sharing, plan
+    from trainer import plan
+    from trainer.runtime import gpu_sharing
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RUNS_DIR", None)
@@ -347,7 +348,7 @@ def planned(check, cuda, env, model, shards, batch: str, summary: dict) -> dict 
 
 
 def memory_beside_plan(check, cuda, run_dir: Path, predicted: dict, summary: dict) -> bool:
-    from trainer import memory_phases
+    from trainer.runtime import memory_phases
 
     measured = measured_peaks(memory_phases.read_records(run_dir))
     summary["memory"] = beside_plan(measured, predicted)

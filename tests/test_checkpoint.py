@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests._trainer_run import TINY_MODEL, run_trainer, weights
-from trainer import checkpoint as ckpt
-from trainer.distributed import Dist
 from trainer.model import ModelConfig, load_model
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime.distributed import Dist
 
 
 @pytest.fixture(scope="module")

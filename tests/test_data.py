@@ -32,8 +32,8 @@ from shard_builder.contract import (
 )
 from shard_builder.reader import npy_array, tar_members
 from shard_builder.writer import ShardWriter
-from trainer import sampling
-from trainer.data import (
+from trainer.data import sampling
+from trainer.data.loader import (
     DataConfig,
     DataMismatchError,
     TrainData,
@@ -332,7 +332,7 @@ def test_eval_limit_takes_a_fixed_first_subset(uneven_split, world):
 def test_trainer_data_imports_no_builder_only_library():
     """The GPU machine has no datasets, soundfile, soxr, pyarrow or jiwer."""
     code = (
-        "import sys, trainer.data; print([m for m in "
+        "import sys, trainer.data.loader; print([m for m in "
         "('datasets', 'soundfile', 'soxr', 'pyarrow', 'jiwer') if m in sys.modules])"
     )
     result = subprocess.run(

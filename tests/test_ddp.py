@@ -26,9 +26,7 @@ from tests._trainer_run import (
     spawn_ranks,
     weights,
 )
-from trainer import checkpoint as ckpt
 from trainer import plan
-from trainer.distributed import Dist
 from trainer.loop import wrap_for_ddp, zero_gradients
 from trainer.model import (
     ModelConfig,
@@ -37,7 +35,9 @@ from trainer.model import (
     token_loss,
     window_frames,
 )
-from trainer.optim import (
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime.distributed import Dist
+from trainer.runtime.optim import (
     OptimConfig,
     build_scheduler,
     lr_factor,

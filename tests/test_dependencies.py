@@ -48,15 +48,15 @@ EXTRA_USERS = {
     # Publishing ships what the export made: the model card and the upload use huggingface_hub.
     "export": (
         "trainer/export.py",
-        "trainer/ct2_backend.py",
+        "trainer/decoding/ct2_backend.py",
         # RealtimeSTT's decoding modes run the export through faster-whisper.
-        "trainer/realtime_modes.py",
+        "trainer/decoding/realtime_modes.py",
         "trainer/model_card.py",
         "trainer/publish.py",
     ),
     # The shard storage layer (landing in parallel) may name the backends it opens.
     "remote": ("shard_builder/storage.py",),
-    "wandb": ("trainer/wandb_sink.py",),
+    "wandb": ("trainer/watch/wandb_sink.py",),
 }
 PACKAGES = ("shard_builder/", "trainer/")
 
@@ -192,7 +192,7 @@ def test_the_scan_of_the_repository_sees_known_imports():
     uses = {(use.file, name) for use in scan() for name in use.distributions}
     assert ("trainer/loop.py", "torch") in uses
     assert ("shard_builder/audio.py", "soundfile") in uses
-    assert ("trainer/metrics.py", "tensorboard") in uses  # through torch.utils.tensorboard
+    assert ("trainer/watch/metrics.py", "tensorboard") in uses  # through torch.utils.tensorboard
     assert ("trainer/config.py", "python-dotenv") in uses
     tops = {use.module.split(".")[0] for use in scan()}
     assert not tops & {"trainer", "shard_builder", "tests", "bench_common", "json", "__future__"}

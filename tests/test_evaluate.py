@@ -15,7 +15,7 @@ import pytest
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from tests._trainer_run import REPO, TINY_MODEL, metrics, run_trainer
-from trainer.metrics import normalise, wer_report
+from trainer.watch.metrics import normalise, wer_report
 
 # The demo-learns run: the tiny preset (3.6 M parameters, 5 s window) from random initialisation
 # on the demo train split with config/demo-tiny.toml's settings, evaluated on all 60 demo test
@@ -144,7 +144,7 @@ def assert_agrees_with_jiwer(report):
     utterances = report["utterances"]
     refs = [u["reference"] for u in utterances]
     hyps = [u["hypothesis"] for u in utterances]
-    # recomputed independently of trainer.metrics
+    # recomputed independently of trainer.watch.metrics
     normaliser = BasicTextNormalizer()
     norm_refs = [" ".join(normaliser(r).split()) for r in refs]
     norm_hyps = [" ".join(normaliser(h).split()) for h in hyps]
@@ -154,8 +154,8 @@ def assert_agrees_with_jiwer(report):
 
 
 def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypatch, capsys):
-    """A folder with model.bin is decoded through trainer.ct2_backend (faked here). The fake
-    "transcribes" each batch as its references with errors (lower case, last word dropped,
+    """A folder with model.bin is decoded through trainer.decoding.ct2_backend (faked here). The
+    fake "transcribes" each batch as its references with errors (lower case, last word dropped,
     one word added), so the WER the CLI writes is non-trivial and checked against jiwer."""
     folder = tmp_path / "ct2"
     folder.mkdir()
@@ -164,7 +164,7 @@ def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypat
         (folder / name).write_bytes((TINY_MODEL / name).read_bytes())
     calls = []
 
-    class FakeTranscriber:  # the interface of trainer.ct2_backend.CT2Transcriber
+    class FakeTranscriber:  # the interface of trainer.decoding.ct2_backend.CT2Transcriber
         def __init__(self, path, device="cpu", compute_type="default"):
             from tokenizers import Tokenizer
 
@@ -187,7 +187,9 @@ def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypat
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     monkeypatch.setitem(
-        sys.modules, "trainer.ct2_backend", types.SimpleNamespace(CT2Transcriber=FakeTranscriber)
+        sys.modules,
+        "trainer.decoding.ct2_backend",
+        types.SimpleNamespace(CT2Transcriber=FakeTranscriber),
     )
     from trainer import evaluate
 

@@ -1,4 +1,4 @@
-"""trainer.export and trainer.ct2_backend on the tiny preset (random weights, fixed seed).
+"""trainer.export and trainer.decoding.ct2_backend on the tiny preset (random weights, fixed seed).
 
 A random model decodes garbage that runs to the length limit, so every decode here is kept
 short; exact token agreement still means something because greedy search compares argmaxes
@@ -21,7 +21,7 @@ from tests.conftest import REPO, TINY_MODEL, set_window
 pytest.importorskip("ctranslate2")
 pytest.importorskip("faster_whisper")
 
-from trainer.ct2_backend import CT2Transcriber  # noqa: E402
+from trainer.decoding.ct2_backend import CT2Transcriber  # noqa: E402
 from trainer.export import (  # noqa: E402
     ExportConfig,
     ExportError,

@@ -1,4 +1,4 @@
-"""trainer/fit.py: choosing the micro-batch (with a fake card), splitting a step into
+"""trainer/runtime/fit.py: choosing the micro-batch (with a fake card), splitting a step into
 micro-batches, the out-of-memory fallback, and one two-rank run through the real entry point."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests._trainer_run import REPO, run_trainer, sample_log, weights
-from trainer import checkpoint as ckpt
-from trainer import fit
 from trainer.config import load_config
-from trainer.distributed import Dist
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime import fit
+from trainer.runtime.distributed import Dist
 
 GIB = 2**30
 BASE = ["--shards", "/data/shards", "--output-dir", "runs/x"]

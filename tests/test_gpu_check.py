@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import gpu_sharing, plan
-from trainer.gpu import cuda_device_index
-from trainer.memory_phases import PhasePeaks, read_records
+from trainer import plan
+from trainer.runtime import gpu_sharing
+from trainer.runtime.gpu import cuda_device_index
+from trainer.runtime.memory_phases import PhasePeaks, read_records
 
 
 def _load_script():

@@ -1,4 +1,5 @@
-"""trainer.longform on hand-made cases: timestamp tokens to segments, joined clips, start errors."""
+"""trainer.decoding.longform on hand-made cases: timestamp tokens to segments, joined clips,
+start errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.longform import (
+from trainer.decoding.longform import (
     join_clips,
     match_starts,
     segments_from_ids,

@@ -13,9 +13,14 @@ import torch
 
 from tests._trainer_run import REPO, metrics, run_trainer, weights
 from trainer.config import SECTIONS, TrainConfig, build_parser, load_config
-from trainer.gpu import configure_allocator, cuda_device_index, memory_metrics, memory_reading
 from trainer.model import decoder_inputs_and_labels, token_loss
-from trainer.optim import (
+from trainer.runtime.gpu import (
+    configure_allocator,
+    cuda_device_index,
+    memory_metrics,
+    memory_reading,
+)
+from trainer.runtime.optim import (
     OptimConfig,
     TrainingDiverged,
     check_overflow,
@@ -288,8 +293,8 @@ def test_gradient_checkpointing_recomputes_the_layers():
 
 def test_batches_are_pinned_only_for_a_gpu_run(demo_shards, monkeypatch):
     """Keyed on the run's device: a CPU run on a machine that has a GPU pins nothing."""
-    from trainer.distributed import Dist
     from trainer.loop import make_train_data
+    from trainer.runtime.distributed import Dist
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU exists ...
     config = load_config([*BASE, "--pack", "false", "--num-workers", "0"], environ={})

@@ -17,7 +17,7 @@ import pytest
 
 from tests._trainer_run import FAST, REPO, _free_port, sample_log
 from tests.s3_server import BUCKET, client_environment
-from trainer import checkpoint as ckpt
+from trainer.runtime import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -15,13 +15,13 @@ import torch
 
 from tests._trainer_run import metrics, run_trainer
 from tests.conftest import TINY_MODEL
-from trainer import checkpoint as ckpt
 from trainer import evaluate
-from trainer.distributed import Dist
+from trainer.decoding.longform import timestamp_begin
 from trainer.evaluate import HFDecoder, evaluate_packed
-from trainer.longform import timestamp_begin
-from trainer.metrics import format_report, normalise
 from trainer.model import ModelConfig, load_model
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime.distributed import Dist
+from trainer.watch.metrics import format_report, normalise
 
 PACKED_KEYS = (
     "packed_wer_orthographic",

@@ -9,10 +9,9 @@ import torch
 from shard_builder.contract import MAX_TARGET_POSITIONS
 from tests._trainer_run import TINY_MODEL
 from tests.test_data import N_MELS, write_split
-from trainer import sampling
-from trainer.data import DataConfig
-from trainer.model import decoder_inputs_and_labels
-from trainer.packing import (
+from trainer.data import sampling
+from trainer.data.loader import DataConfig
+from trainer.data.packing import (
     LengthIndex,
     PackedTrainData,
     PackingLimits,
@@ -25,6 +24,7 @@ from trainer.packing import (
     plan_windows,
     window_features_to_full,
 )
+from trainer.model import decoder_inputs_and_labels
 
 DEMO_TRAIN = TINY_MODEL.parent.parent.parent / "demo" / "corpus" / "data"
 
@@ -342,7 +342,7 @@ def test_packed_batches_lay_out_windows(token_split, tokenizer):
 
 def test_length_index_is_cached_per_shard_checksums(token_split, tmp_path):
     from shard_builder import contract
-    from trainer.packing import build_length_index, load_or_build_length_index
+    from trainer.data.packing import build_length_index, load_or_build_length_index
 
     manifest = contract.load_manifest(token_split)
     fresh = build_length_index(token_split, manifest)

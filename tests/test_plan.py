@@ -22,9 +22,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tests._trainer_run import spawn_ranks
 from trainer import plan
 from trainer.__main__ import run as trainer_main
-from trainer.distributed import Dist
 from trainer.loop import wrap_for_ddp, zero_gradients
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
+from trainer.runtime.distributed import Dist
 
 TINY = str(Path(__file__).resolve().parent.parent / "config" / "models" / "tiny-whisper-de")
 BASE = "openai/whisper-base"  # mapped to config/models/whisper-base/config.json

@@ -20,8 +20,8 @@ from huggingface_hub import ModelCard
 from tests._trainer_run import run_trainer
 from tests.conftest import REPO
 from tests.hub_server import recording_hub
-from trainer.metrics import NORMALISER, wer_report
 from trainer.publish import PublishConfig, PublishError, publish
+from trainer.watch.metrics import NORMALISER, wer_report
 
 REPO_ID = "demo-user/whisper-tiny-de"
 CT2_REPO_ID = f"{REPO_ID}-ct2"

@@ -1,5 +1,5 @@
-"""trainer.realtime_modes: the demo split's audio found by row id, and a CTranslate2 export of the
-random tiny preset (Whisper's 30 s window) decoded in every RealtimeSTT mode through the real
+"""trainer.decoding.realtime_modes: the demo split's audio found by row id, and a CTranslate2 export
+of the random tiny preset (Whisper's 30 s window) decoded in every RealtimeSTT mode through the real
 faster-whisper. A random model's words are garbage; what is checked is the plumbing: the calls,
 which figures each mode reports, and that they are the WER of what was decoded."""
 
@@ -17,9 +17,7 @@ pytest.importorskip("ctranslate2")
 pytest.importorskip("faster_whisper")
 
 from tests.test_export import export_config, save_random_whisper  # noqa: E402
-from trainer.export import export  # noqa: E402
-from trainer.metrics import wer_report  # noqa: E402
-from trainer.realtime_modes import (  # noqa: E402
+from trainer.decoding.realtime_modes import (  # noqa: E402
     MODES,
     RealtimeTranscriber,
     evaluate_modes,
@@ -27,6 +25,8 @@ from trainer.realtime_modes import (  # noqa: E402
     parse_modes,
     split_clips,
 )
+from trainer.export import export  # noqa: E402
+from trainer.watch.metrics import wer_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from shard_builder.check import check_location
 from shard_builder.contract import ContractError, load_manifest
 from tests.conftest import REPO
 from tests.s3_server import BUCKET, DroppingRelay, client_environment, upload_folder
-from trainer.data import iter_split_samples
+from trainer.data.loader import iter_split_samples
 
 FAST_RETRIES = storage.FetchPolicy(retries=2, backoff_seconds=0.01)
 

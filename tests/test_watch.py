@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from tests._trainer_run import REPO, metrics, run_trainer
-from trainer import summary, sysmetrics
-from trainer.distributed import Dist
-from trainer.wandb_sink import RUN_ID_FILE
+from trainer.runtime.distributed import Dist
+from trainer.watch import summary, sysmetrics
+from trainer.watch.wandb_sink import RUN_ID_FILE
 
 FIRST_STEPS, RESUMED_STEPS = 2, 4
 WATCH_ARGS = (
@@ -250,8 +250,8 @@ def test_nvml_figures_are_converted_and_a_missing_one_is_skipped(monkeypatch):
 
 
 def test_wandb_that_cannot_start_or_is_missing_is_a_clear_error(tmp_path, monkeypatch):
-    from trainer.metrics import LogConfig
-    from trainer.wandb_sink import WandbSink
+    from trainer.watch.metrics import LogConfig
+    from trainer.watch.wandb_sink import WandbSink
 
     wandb = pytest.importorskip("wandb")
 

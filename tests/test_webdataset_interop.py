@@ -21,8 +21,8 @@ from wids.wids_decode import decode_basic
 from wids.wids_specs import resolve_dsdesc
 
 from shard_builder import contract, interop
-from trainer import sampling
-from trainer.data import iter_span_samples
+from trainer.data import sampling
+from trainer.data.loader import iter_span_samples
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "test")

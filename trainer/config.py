@@ -26,14 +26,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import CheckpointConfig
-from trainer.data import DataConfig
+from trainer.data.loader import DataConfig
 from trainer.evaluate import EvalConfig
-from trainer.fit import FitConfig
-from trainer.metrics import LogConfig
 from trainer.model import ModelConfig
-from trainer.optim import OptimConfig
-from trainer.sysmetrics import SystemConfig
+from trainer.runtime.checkpoint import CheckpointConfig
+from trainer.runtime.fit import FitConfig
+from trainer.runtime.optim import OptimConfig
+from trainer.watch.metrics import LogConfig
+from trainer.watch.sysmetrics import SystemConfig
 
 ENV_PREFIX = "TRAINER_"
 SECTIONS = {

@@ -6,25 +6,25 @@ Used during training (`evaluate_split`) and as a command line tool:
     torchrun --nproc_per_node=2 -m trainer.evaluate --model openai/whisper-large-v3-turbo ...
 
 --model is any Whisper folder or hub id, or a CTranslate2 export (a folder holding model.bin),
-decoded through trainer.ct2_backend so both can be compared on the same shards. `--beam-size`
-(alias `--num-beams`) scores either in greedy (1, the default) or beam search (5 is
+decoded through trainer.decoding.ct2_backend so both can be compared on the same shards.
+`--beam-size` (alias `--num-beams`) scores either in greedy (1, the default) or beam search (5 is
 faster-whisper's and RealtimeSTT's).
 
 The product's own decoding: with `--audio-source DATASET` (the dataset the split was built
 from; the shards hold features, faster-whisper takes audio) a CTranslate2 export is also run
-through faster-whisper in RealtimeSTT's modes (trainer.realtime_modes: `BatchedInferencePipeline`
-with VAD, batch 16, beam 5, no timestamps, its default; `WhisperModel.transcribe` with
-timestamps, its `batch_size=0`; each with and without an `initial_prompt`), on single utterances
-and on long files joined from the split:
+through faster-whisper in RealtimeSTT's modes (trainer.decoding.realtime_modes:
+`BatchedInferencePipeline` with VAD, batch 16, beam 5, no timestamps, its default;
+`WhisperModel.transcribe` with timestamps, its `batch_size=0`; each with and without an
+`initial_prompt`), on single utterances and on long files joined from the split:
 
     python -m trainer.evaluate --model models/ct2 --shards SHARDS/test --audio-source demo/corpus
 
 The per-utterance WER is the headline (it is what published Whisper WERs mean). Beside it, the
 packed evaluation (`evaluate_packed`, on by default in training, `--packed` here) decodes the
 split as real-time tools do: utterances in stored order packed into full windows
-(trainer.packing, a fixed silence between them), timestamps on, no prompt. It reports the WER
+(trainer.data.packing, a fixed silence between them), timestamps on, no prompt. It reports the WER
 of the windows and how far the predicted segment starts lie from the true ones
-(trainer.longform).
+(trainer.decoding.longform).
 """
 
 from __future__ import annotations
@@ -41,19 +41,14 @@ import torch
 
 from shard_builder import contract, storage
 from shard_builder.reader import ShardReader
-from trainer import distributed
-from trainer.data import (
+from trainer.data.loader import (
     DataConfig,
     check_split,
     decode_sample,
     eval_batches,
     pad_features_to_full,
 )
-from trainer.distributed import Dist
-from trainer.longform import match_starts, segments_from_ids, start_error_summary
-from trainer.metrics import format_report, utterance_wer, wer_report
-from trainer.model import window_frames
-from trainer.packing import (
+from trainer.data.packing import (
     PackingLimits,
     WindowChoices,
     WindowTargets,
@@ -63,6 +58,11 @@ from trainer.packing import (
     plan_windows,
     window_features_to_full,
 )
+from trainer.decoding.longform import match_starts, segments_from_ids, start_error_summary
+from trainer.model import window_frames
+from trainer.runtime import distributed
+from trainer.runtime.distributed import Dist
+from trainer.watch.metrics import format_report, utterance_wer, wer_report
 
 PREFIX_WITH_TIMESTAMPS = 3  # <|startoftranscript|><|lang|><|task|>
 
@@ -120,7 +120,7 @@ class HFDecoder:
         return next(self.model.parameters()).device
 
     def __call__(self, features: torch.Tensor, max_new_tokens: int, beam_size: int) -> list[str]:
-        from trainer.optim import autocast
+        from trainer.runtime.optim import autocast
 
         was_training = self.model.training
         self.model.eval()
@@ -148,7 +148,7 @@ class HFDecoder:
         One decoding pass per window (`force_unique_generate_call`): transformers would
         otherwise decode again from the last timestamp, as its long-form mode does.
         """
-        from trainer.optim import autocast
+        from trainer.runtime.optim import autocast
 
         room = self.max_target_positions - PREFIX_WITH_TIMESTAMPS
         was_training = self.model.training
@@ -172,10 +172,10 @@ class HFDecoder:
 
 
 class CT2Decoder:
-    """A CTranslate2 export (trainer.ct2_backend), imported only when one is evaluated."""
+    """A CTranslate2 export (trainer.decoding.ct2_backend), imported only when one is evaluated."""
 
     def __init__(self, folder: str, device: str, language: str, task: str) -> None:
-        from trainer.ct2_backend import CT2Transcriber
+        from trainer.decoding.ct2_backend import CT2Transcriber
 
         self.transcriber = CT2Transcriber(folder, device="cuda" if device == "cuda" else "cpu")
         self.tokenizer = self.transcriber.tokenizer
@@ -400,7 +400,8 @@ def packed_report(
     windows: list[dict[str, Any]], gap_seconds: float, wall_seconds: float
 ) -> dict[str, Any]:
     """Window WER (orthographic and normalised, references = the window's transcripts joined)
-    and the segment-start figures of trainer.longform over every utterance of every window."""
+    and the segment-start figures of trainer.decoding.longform over every utterance of every
+    window."""
     wer = wer_report(
         [w["reference"] for w in windows],
         [w["hypothesis"] for w in windows],
@@ -479,8 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="DATASET",
         help="also decode a CTranslate2 export through faster-whisper as RealtimeSTT does "
-        "(trainer.realtime_modes), reading each sample's audio from DATASET, the dataset the "
-        "split was built from (e.g. demo/corpus)",
+        "(trainer.decoding.realtime_modes), reading each sample's audio from DATASET, the dataset "
+        "the split was built from (e.g. demo/corpus)",
     )
     parser.add_argument(
         "--modes",
@@ -526,7 +527,7 @@ def load_decoder(args: argparse.Namespace, info: Dist):
         vocab = decoder.tokenizer.get_vocab(with_added_tokens=True)
         return decoder, int(extractor["feature_size"]), contract.tokenizer_fingerprint(vocab)
     from trainer.model import ModelConfig, load_model
-    from trainer.optim import resolve_precision
+    from trainer.runtime.optim import resolve_precision
 
     model, processor = load_model(
         ModelConfig(
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model: {args.model} ({kind})   shards: {args.shards}")
             print(format_report(report))
             if modes:
-                from trainer.realtime_modes import format_modes
+                from trainer.decoding.realtime_modes import format_modes
 
                 print(format_modes(report["realtime"]))
             for u in utterances:
@@ -641,7 +642,7 @@ def check_realtime_request(args: argparse.Namespace, decoder) -> list:
     this model cannot run them."""
     if not args.audio_source:
         return []
-    from trainer.realtime_modes import parse_modes
+    from trainer.decoding.realtime_modes import parse_modes
 
     modes = parse_modes(args.modes)
     if not isinstance(decoder, CT2Decoder):
@@ -658,9 +659,9 @@ def check_realtime_request(args: argparse.Namespace, decoder) -> list:
 
 
 def evaluate_realtime(args: argparse.Namespace, split_dir: Path, modes: list, device: str):
-    """(report, details) of trainer.realtime_modes on the split's audio, on this rank (rank 0:
-    faster-whisper decodes one file at a time, so the modes are not split across ranks)."""
-    from trainer.realtime_modes import RealtimeTranscriber, evaluate_modes, split_clips
+    """(report, details) of trainer.decoding.realtime_modes on the split's audio, on this rank (rank
+    0: faster-whisper decodes one file at a time, so the modes are not split across ranks)."""
+    from trainer.decoding.realtime_modes import RealtimeTranscriber, evaluate_modes, split_clips
 
     clips = split_clips(split_dir, args.audio_source, args.limit)
     transcriber = RealtimeTranscriber(

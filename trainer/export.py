@@ -15,12 +15,12 @@ converted folder needs to be usable and trustworthy:
 - a long-form check in the way RealtimeSTT calls faster-whisper (`transcribe()` with timestamps
   on and beam 5) on demo test clips joined into one long clip: segment count, WER against the
   joined references, and how far the segment starts lie from the true utterance starts
-  (trainer.longform). Its figures are reported, never a reason to fail: the export cannot know
-  whether the model is meant to be good yet (the demo's random preset is not). It fails only
+  (trainer.decoding.longform). Its figures are reported, never a reason to fail: the export cannot
+  know whether the model is meant to be good yet (the demo's random preset is not). It fails only
   when faster-whisper itself fails; --strict also fails an export that gives no segment at all;
 - RealtimeSTT's default call (`BatchedInferencePipeline`, VAD on, batch 16, beam 5, no
-  timestamps; trainer.realtime_modes) on the verification clip and the long-form clip, reported
-  with its WER where the transcript is known.
+  timestamps; trainer.decoding.realtime_modes) on the verification clip and the long-form clip,
+  reported with its WER where the transcript is known.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ class Verification:
 
 @dataclass
 class RealtimeDefaultCheck:
-    """RealtimeSTT's default call (trainer.realtime_modes `batched`: BatchedInferencePipeline,
-    VAD on, batch 16, beam 5, no timestamps) on the verification clip and the long-form clip."""
+    """RealtimeSTT's default call (trainer.decoding.realtime_modes `batched`:
+    BatchedInferencePipeline, VAD on, batch 16, beam 5, no timestamps) on the verification clip
+    and the long-form clip."""
 
     text: str  # of the verification clip
     wer_normalised: float | None  # of that clip, when it is a demo clip with a transcript
@@ -132,7 +133,7 @@ class LongFormCheck:
     wer_normalised: float
     wer_orthographic: float
     start_errors: list[float | None]  # per true utterance start; None = no segment paired
-    summary: dict[str, float | int]  # trainer.longform.start_error_summary
+    summary: dict[str, float | int]  # trainer.decoding.longform.start_error_summary
     reference: str
     text: str
     seconds_taken: float
@@ -332,7 +333,7 @@ def demo_long_clip(min_seconds: float) -> tuple[np.ndarray, list[float], list[st
     import pyarrow.parquet as pq
 
     from shard_builder.audio import RejectedRow, decode_audio
-    from trainer.longform import join_clips
+    from trainer.decoding.longform import join_clips
 
     files = sorted(DEMO_CORPUS_DATA.glob("test-*.parquet"))
     if not files:
@@ -361,9 +362,9 @@ def long_form_check(folder: Path, config: ExportConfig) -> LongFormCheck | None:
     prompt, no VAD). None when skipped or when faster-whisper cannot run the model's window."""
     from faster_whisper import WhisperModel
 
-    from trainer.ct2_backend import export_window_frames
-    from trainer.longform import match_starts, start_error_summary
-    from trainer.metrics import wer_report
+    from trainer.decoding.ct2_backend import export_window_frames
+    from trainer.decoding.longform import match_starts, start_error_summary
+    from trainer.watch.metrics import wer_report
 
     if config.long_form_seconds <= 0 or export_window_frames(folder) != FASTER_WHISPER_FRAMES:
         return None
@@ -400,9 +401,9 @@ def realtime_default_check(
 ) -> RealtimeDefaultCheck | None:
     """What RealtimeSTT's defaults make of the verification clip and of the long-form clip;
     None for a model whose window faster-whisper cannot feed."""
-    from trainer.ct2_backend import export_window_frames
-    from trainer.metrics import wer_report
-    from trainer.realtime_modes import DEFAULT_MODE, MODES, RealtimeTranscriber
+    from trainer.decoding.ct2_backend import export_window_frames
+    from trainer.decoding.realtime_modes import DEFAULT_MODE, MODES, RealtimeTranscriber
+    from trainer.watch.metrics import wer_report
 
     if export_window_frames(folder) != FASTER_WHISPER_FRAMES:
         return None
@@ -474,7 +475,7 @@ def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -
     None for a model whose window faster-whisper cannot feed."""
     from faster_whisper import WhisperModel
 
-    from trainer.ct2_backend import export_window_frames
+    from trainer.decoding.ct2_backend import export_window_frames
 
     if export_window_frames(folder) != FASTER_WHISPER_FRAMES:
         return None
@@ -500,7 +501,7 @@ def faster_whisper_text(folder: Path, audio: np.ndarray, config: ExportConfig) -
 def verify(folder: Path, config: ExportConfig) -> Verification:
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from trainer.ct2_backend import CT2Transcriber
+    from trainer.decoding.ct2_backend import CT2Transcriber
 
     audio, audio_name = load_audio(config.verify_audio)
     features = WhisperFeatureExtractor.from_pretrained(config.model)(

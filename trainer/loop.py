@@ -23,16 +23,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shard_builder import contract
 from shard_builder.storage import ShardFetchError
-from trainer import checkpoint as ckpt
-from trainer import distributed, fit, gpu, sysmetrics
 from trainer.config import TrainConfig, write_config
-from trainer.data import TrainData, check_split, pad_features_to_full
-from trainer.distributed import Dist
+from trainer.data.loader import TrainData, check_split, pad_features_to_full
+from trainer.data.packing import PackedTrainData, WindowTargets, window_features_to_full
 from trainer.evaluate import HFDecoder, evaluate_split
-from trainer.memory_phases import PhasePeaks
-from trainer.metrics import RunLogger, format_report
 from trainer.model import decoder_inputs_and_labels, load_model, token_loss, window_frames
-from trainer.optim import (
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime import distributed, fit, gpu
+from trainer.runtime.distributed import Dist
+from trainer.runtime.memory_phases import PhasePeaks
+from trainer.runtime.optim import (
     TrainingDiverged,
     autocast,
     build_optimizer,
@@ -45,7 +45,8 @@ from trainer.optim import (
     restore_optimizer,
     warmup_warning,
 )
-from trainer.packing import PackedTrainData, WindowTargets, window_features_to_full
+from trainer.watch import sysmetrics
+from trainer.watch.metrics import RunLogger, format_report
 
 # Test hooks (read once at setup): make rank 0's loss infinite on the first attempt at the given
 # optimiser step, or SIGKILL rank 0 half-way through the given step.
@@ -650,7 +651,8 @@ def save_checkpoint(run: Run) -> None:
             "data_signature": run.train_data.order_signature(),
             "world_size": info.world_size,
             "precision": run.precision,
-            "micro_batch_size": run.fit.micro_batch,  # a resume starts from it (trainer/fit.py)
+            # a resume starts from it (trainer/runtime/fit.py)
+            "micro_batch_size": run.fit.micro_batch,
         }
         run_config = run.config.to_dict()
     optimizer_state = optimizer_checkpoint_state(run.optimizer) if sharded or info.is_main else None

@@ -11,7 +11,7 @@ and the finished card is parsed back with `ModelCard` and compared before anyone
 
 Sources, all optional but the model folder itself:
     RUN/config.json                the resolved training configuration (trainer.config)
-    RUN/checkpoints/step-N/state.json  steps, samples, tokens, ranks (trainer.checkpoint)
+    RUN/checkpoints/step-N/state.json  steps, samples, tokens, ranks (trainer.runtime.checkpoint)
     RUN/training.log               how long each session ran ("done: ... in N s")
     RUN/eval/step-B.json           the evaluation of RUN/best during training (B = best step),
                                    unless an evaluation report (trainer.evaluate --output) is given
@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.metrics import NORMALISER
+from trainer.watch.metrics import NORMALISER
 
 PIPELINE_TAG = "automatic-speech-recognition"
 DEFAULT_LICENSE = "apache-2.0"

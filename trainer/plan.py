@@ -58,9 +58,9 @@ import torch
 from shard_builder import storage
 from shard_builder.contract import ContractError
 from trainer.config import TrainConfig, build_parser, read_environment, resolve_layers
-from trainer.fit import loader_data_config
 from trainer.model import ModelConfig, decoder_inputs_and_labels, token_loss, window_frames
-from trainer.optim import autocast, resolve_precision
+from trainer.runtime.fit import loader_data_config
+from trainer.runtime.optim import autocast, resolve_precision
 
 GIB = 2**30
 MODELS_DIR = Path(__file__).resolve().parent.parent / "config" / "models"

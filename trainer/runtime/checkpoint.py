@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from shard_builder.writer import fsync_dir
-from trainer.distributed import Dist, barrier
+from trainer.runtime.distributed import Dist, barrier
 
 log = logging.getLogger("trainer")
 

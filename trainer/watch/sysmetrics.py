@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import distributed
-from trainer.distributed import Dist
+from trainer.runtime import checkpoint as ckpt
+from trainer.runtime import distributed
+from trainer.runtime.distributed import Dist
 
 GIB = 2**30
 

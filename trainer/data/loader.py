@@ -1,7 +1,7 @@
 """Batches for training and evaluation, streamed from the builder's tar shards.
 
-The order of an epoch is planned from the manifest alone (`trainer.sampling`): each rank reads a
-contiguous block of the epoch's shuffled shard stream, each DataLoader worker an equal
+The order of an epoch is planned from the manifest alone (`trainer.data.sampling`): each rank reads
+a contiguous block of the epoch's shuffled shard stream, each DataLoader worker an equal
 sub-block of it, so every rank has exactly the same number of batches and no rank ever waits
 at a collective for one that ran out (the classic webdataset + DDP end-of-epoch hang). The
 price is at most `(world_size - 1) + world_size * (num_workers - 1)` samples left out per
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_builder import contract, reader, storage
-from trainer import sampling
+from trainer.data import sampling
 
 IGNORE_INDEX = -100  # label padding the loss ignores (HF's convention)
 
@@ -59,8 +59,8 @@ class DataConfig:
     batch_size: int | str = _help(
         "samples (packed: windows) per device per micro-step, or auto: the largest that fits "
         "the card, measured at setup, with the windows per step of fit.reference_batch_size "
-        "(trainer/fit.py; on the CPU auto is the reference batch). 2 x grad_accum 12 is what "
-        "trainer.plan finds to fit turbo on a 16 GB GPU",
+        "(trainer/runtime/fit.py; on the CPU auto is the reference batch). 2 x grad_accum 12 is "
+        "what trainer.plan finds to fit turbo on a 16 GB GPU",
         default="auto",
     )
     num_workers: int = _help(
@@ -82,7 +82,7 @@ class DataConfig:
     pack: bool = _help(
         "train on packed windows: consecutive utterances of the epoch's stream share one "
         "encoder window, with Whisper's timestamp tokens and previous-text prompts "
-        "(trainer/packing.py); batch_size then counts windows",
+        "(trainer/data/packing.py); batch_size then counts windows",
         default=True,
     )
     timestamp_probability: float = _help(
@@ -119,7 +119,7 @@ class DataConfig:
         return storage.local_split(location, self.shard_cache or None, progress)
 
     def validate(self) -> None:
-        auto = self.batch_size == "auto"  # resolved by trainer/fit.py
+        auto = self.batch_size == "auto"  # resolved by trainer/runtime/fit.py
         if not auto and (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool)):
             raise ValueError(f"batch_size must be a whole number or auto, not {self.batch_size!r}")
         if self.bucket_buffer < 1 or (not auto and self.batch_size < 1):

@@ -15,7 +15,7 @@ of 320 samples, Whisper's 0.02 s timestamp grid). The collate leaves gaps at -in
 `window_features_to_full` applies the floor on the device, where the unpacked path pads.
 
 Which utterances share a window is a pure function of the manifest, the seed and the epoch:
-the epoch's shuffled stream (`trainer.sampling`) is packed first-fit into a few open windows
+the epoch's shuffled stream (`trainer.data.sampling`) is packed first-fit into a few open windows
 (`OPEN_WINDOWS`), each utterance preceded by a silence drawn from a generator keyed by
 (seed, epoch). The windows are then the unit that ranks and loader workers split in equal
 blocks, exactly as samples are in unpacked mode, so the same guarantees hold: equal batches on
@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_builder import contract
 from shard_builder.reader import ShardReader, index_samples, npy_array, npy_shape_at
-from trainer import sampling
-from trainer.data import (
+from trainer.data import sampling
+from trainer.data.loader import (
     IGNORE_INDEX,
     decode_sample,
     make_loader,
@@ -67,7 +67,7 @@ PREFIX_LENGTH = 4  # stored targets start <|startoftranscript|><|lang|><|task|><
 TIME_STEP = 0.02  # seconds per timestamp token
 FRAMES_PER_STEP = 2  # 10 ms frames per timestamp step
 GAP_FILL = float("-inf")  # below any log-mel value: the device raises it to the window floor
-_GAP_STREAM = 11  # generator tags, independent of trainer.sampling's
+_GAP_STREAM = 11  # generator tags, independent of trainer.data.sampling's
 _WINDOW_STREAM = 12
 _LONE_STREAM = 13
 # Planned token cost of one utterance beyond its stored text tokens: two timestamps and one
@@ -412,7 +412,8 @@ def prompt_of(texts: Sequence[list[int]]) -> list[int]:
 
 
 def collate_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Windows -> one batch, as `trainer.data.collate` lays out samples, plus what packing adds.
+    """Windows -> one batch, as `trainer.data.loader.collate` lays out samples, plus what packing
+    adds.
 
     features float16 [B, n_mels, T] (T = the furthest used frame; -inf where no utterance
     lies), tokens int64 [B, L] (-100 after each), unlabelled int64 [B] (leading labels the

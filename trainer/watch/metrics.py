@@ -165,7 +165,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 class RunLogger:
     """Rank-0 side effects in one place: training.log, metrics.jsonl, TensorBoard, W&B (with
-    log.wandb), and the run's summary files (trainer/summary.py).
+    log.wandb), and the run's summary files (trainer/watch/summary.py).
 
     On other ranks every method is a no-op except warnings, which go to stderr with the rank.
     """
@@ -207,7 +207,7 @@ class RunLogger:
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             if config.wandb:
-                from trainer.wandb_sink import WandbSink
+                from trainer.watch.wandb_sink import WandbSink
 
                 self.wandb = WandbSink(run_dir, config, run_config or {})
 
@@ -246,7 +246,7 @@ class RunLogger:
         """After an evaluation (rank 0 holds the report): the summary files, W&B's table."""
         if not self.is_main or report is None:
             return
-        from trainer.summary import write_summary
+        from trainer.watch.summary import write_summary
 
         write_summary(self.run_dir, step, report, metric, best_value, best_step)
         if self.wandb is not None and self.config.wandb_worst > 0:

@@ -26,10 +26,11 @@ before (in stored order), the context a caller passing recent text would give; t
 utterance of the split gets none.
 
 Each mode runs on single utterances and on long files: consecutive test utterances joined with
-`gap_seconds` of silence into files of at least `long_seconds` (trainer.longform.join_clips).
-WER (orthographic and normalised) for each, and for long files decoded with timestamps how far
-the predicted segment starts lie from the true ones (trainer.longform.match_starts; a single
-utterance has no true start to compare with but its own leading silence).
+`gap_seconds` of silence into files of at least `long_seconds`
+(trainer.decoding.longform.join_clips). WER (orthographic and normalised) for each, and for long
+files decoded with timestamps how far the predicted segment starts lie from the true ones
+(trainer.decoding.longform.match_starts; a single utterance has no true start to compare with
+but its own leading silence).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from shard_builder import contract
-from trainer.longform import SAMPLING_RATE, join_clips, match_starts, start_error_summary
-from trainer.metrics import wer_report
+from trainer.decoding.longform import SAMPLING_RATE, join_clips, match_starts, start_error_summary
+from trainer.watch.metrics import wer_report
 
 REALTIMESTT_BATCH_SIZE = 16
 REALTIMESTT_BEAM_SIZE = 5
@@ -110,7 +111,7 @@ def split_clips(split_dir: str | Path, audio_source: str, limit: int | None = No
     `datasets` folder, or the hub id; read at the revision the manifest pins)."""
     from shard_builder.audio import decode_audio
     from shard_builder.source import Columns, open_source
-    from trainer.data import iter_split_samples
+    from trainer.data.loader import iter_split_samples
 
     manifest = contract.load_manifest(split_dir)
     origin = manifest["source"]

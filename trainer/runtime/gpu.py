@@ -37,7 +37,7 @@ def cuda_device_index(local_rank: int, visible: int, backend: str = "nccl") -> i
 
     One GPU visible (a scheduler or a per-rank CUDA_VISIBLE_DEVICES gives each process its own
     card, or one card is shared on purpose): that one, index 0. Several: one per local rank;
-    gloo ranks may share them round-robin (trainer/gpu_sharing.py), NCCL ranks may not.
+    gloo ranks may share them round-robin (trainer/runtime/gpu_sharing.py), NCCL ranks may not.
     """
     if visible == 0:
         raise ValueError(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer import gpu
+from trainer.runtime import gpu
 
 
 def _help(text: str, **kwargs: Any):

@@ -45,10 +45,10 @@ from typing import Any
 
 import torch
 
-from trainer import distributed
-from trainer.data import IGNORE_INDEX
+from trainer.data.loader import IGNORE_INDEX
 from trainer.model import token_loss, window_frames
-from trainer.optim import autocast
+from trainer.runtime import distributed
+from trainer.runtime.optim import autocast
 
 AUTO = "auto"
 GIB = 2**30

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer import gpu, gpu_sharing
+from trainer.runtime import gpu, gpu_sharing
 
 
 @dataclass(frozen=True)
