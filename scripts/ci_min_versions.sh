@@ -22,12 +22,47 @@ fail() {
     printf '\nMINIMUM VERSIONS FAILED: %s\n' "$*" >&2
     exit 1
 }
+STEP_LIMIT_S=${STEP_LIMIT_S:-300}  # no step takes a tenth of it; a hang must not eat CI's hour
+set -m  # each background job gets a process group of its own: a hang is signalled as a whole
+# bounded LOG CMD...: runs CMD with its output in LOG and returns its status; past STEP_LIMIT_S
+# every process it started (torchrun, the ranks, their loader workers) gets SIGABRT, which
+# makes Python's faulthandler write each one's thread stacks into LOG, then the group is killed
+# and the status is 124. A hang is then a failure that names where each process waits.
+bounded() {
+    local log=$1 waited=0 status=0
+    shift
+    : >"$log"  # appended to, by the command and by this function alike
+    PYTHONFAULTHANDLER=1 "$@" <&0 >>"$log" 2>&1 &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((waited >= STEP_LIMIT_S)); then
+            {
+                printf '\n=== still running after %d s; its processes:\n' "$waited"
+                ps -o pid,ppid,stat,etime,args -p "$(pgrep -d, -g "$pid")" || true
+                printf '=== their Python stacks (faulthandler, on SIGABRT):\n'
+            } >>"$log"
+            kill -ABRT -- "-$pid" 2>/dev/null || true
+            sleep 5
+            kill -KILL -- "-$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            return 124
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    wait "$pid" || status=$?
+    return "$status"
+}
 # run NAME CMD...: the output goes to $OUT/NAME.log, and its tail to the screen if it fails.
 run() {
-    local name=$1
+    local name=$1 status=0
     shift
-    if ! "$@" >"$OUT/$name.log" 2>&1; then
-        tail -n 60 "$OUT/$name.log" >&2
+    bounded "$OUT/$name.log" "$@" || status=$?
+    if ((status != 0)); then
+        local lines=60
+        ((status == 124)) && lines=400  # the stacks of every process
+        tail -n "$lines" "$OUT/$name.log" >&2
+        ((status == 124)) && fail "$name hung: no exit in $STEP_LIMIT_S s (log: $OUT/$name.log)"
         fail "$name (log: $OUT/$name.log)"
     fi
 }
@@ -138,8 +173,13 @@ train() {  # train RUN_DIR
 step "5/8 train 6 steps on 2 ranks, uninterrupted (the reference)"
 run train-reference train "$OUT/reference"
 step "6/8 train again, SIGKILL rank 0 in step 5, resume from step 4"
-if TRAINER_DEBUG_KILL_AT_STEP=5 train "$OUT/resumed" >"$OUT/train-killed.log" 2>&1; then
+killed=0
+TRAINER_DEBUG_KILL_AT_STEP=5 bounded "$OUT/train-killed.log" train "$OUT/resumed" || killed=$?
+if ((killed == 0)); then
     fail "the run to be killed finished: the kill hook did not fire"
+elif ((killed == 124)); then
+    tail -n 400 "$OUT/train-killed.log" >&2
+    fail "the run to be killed hung instead of dying (log: $OUT/train-killed.log)"
 fi
 run train-resumed train "$OUT/resumed"
 run check-resume "$VENV_PYTHON" - "$OUT/reference" "$OUT/resumed" <<'EOF'
