@@ -19,6 +19,7 @@ A control splits every row once more with the transcript of another row: each mu
 
     python bench/bench_long_audio.py --align-model PATH/whisper-base [--rows 24] [--seed 2026]
         [--window 30] [--json out.json]
+    python bench/bench_long_audio.py --align-method sentences [--window 5] ...  (no model)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shard_builder.align import Aligner, Unaligned, split_clip  # noqa: E402
+from shard_builder.align import Aligner, Unaligned, sentence_split, split_clip  # noqa: E402
 from shard_builder.audio import decode_audio  # noqa: E402
 from shard_builder.config import BuilderConfig  # noqa: E402
 
@@ -78,7 +79,8 @@ def judge(pieces, texts: list[str], pauses: list[tuple[float, float]]) -> tuple[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--align-model", required=True, help="Whisper folder or hub id")
+    parser.add_argument("--align-model", help="Whisper folder or hub id (likelihood method)")
+    parser.add_argument("--align-method", choices=["likelihood", "sentences"], default="likelihood")
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--seed", type=int, default=2026, help="the corpus's long rows use 1235")
     parser.add_argument("--window", type=float, default=30.0, help="the shard model's window, s")
@@ -89,16 +91,29 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     defaults = BuilderConfig()
-    settings = (defaults.min_pause, defaults.align_min_margin, defaults.align_min_logprob)
+    if args.align_method == "sentences":
+        names = ("min_pause", "align_max_error")
+
+        def split(waveform, text):
+            return sentence_split(waveform, text, max_samples, *settings)
+    else:
+        if not args.align_model:
+            parser.error("--align-model is needed by the likelihood method")
+        names = ("min_pause", "align_min_margin", "align_min_logprob")
+        aligner = Aligner(args.align_model, "de", "transcribe")
+
+        def split(waveform, text):
+            return split_clip(waveform, text, aligner, max_samples, *settings)
+
+    settings = tuple(getattr(defaults, name) for name in names)
     rows = make_rows(args.rows, args.seed)
-    aligner = Aligner(args.align_model, "de", "transcribe")
     max_samples = int(args.window * RATE)
     results = []
     for index, long_row in enumerate(rows):
         waveform = decode_audio(long_row.row.audio)
         started = time.perf_counter()
         try:
-            pieces = split_clip(waveform, long_row.row.text, aligner, max_samples, *settings)
+            pieces = split(waveform, long_row.row.text)
             outcome = {"split": True, "pieces": len(pieces)}
             inside, cuts, exact = judge(pieces, long_row.texts, long_row.pauses)
             outcome.update(cuts=cuts, cuts_in_pause=inside, exact=exact)
@@ -110,15 +125,15 @@ def main(argv: list[str] | None = None) -> None:
         outcome["clip_seconds"] = waveform.size / RATE
         other = rows[(index + 1) % len(rows)].row.text
         try:
-            split_clip(waveform, other, aligner, max_samples, *settings)
+            split(waveform, other)
             outcome["mismatch_rejected"] = False
         except Unaligned:
             outcome["mismatch_rejected"] = True
         results.append(outcome)
         print(json.dumps(outcome, ensure_ascii=False), flush=True)
 
-    split = [r for r in results if r["split"]]
-    cuts = sum(r["cuts"] for r in split)
+    split_rows = [r for r in results if r["split"]]
+    cuts = sum(r["cuts"] for r in split_rows)
     summary = {
         "rows": len(results),
         "clip_seconds": [
@@ -126,20 +141,19 @@ def main(argv: list[str] | None = None) -> None:
             max(r["clip_seconds"] for r in results),
         ],
         "window": args.window,
-        "settings": dict(
-            zip(("min_pause", "align_min_margin", "align_min_logprob"), settings, strict=True)
-        ),
-        "split_share": len(split) / len(results),
+        "align_method": args.align_method,
+        "settings": dict(zip(names, settings, strict=True)),
+        "split_share": len(split_rows) / len(results),
         "cuts": cuts,
-        "cuts_in_pause_share": sum(r["cuts_in_pause"] for r in split) / max(cuts, 1),
-        "text_exact_share": sum(r["exact"] for r in split) / len(results),
-        "wrong": sum(not r["exact"] for r in split),
+        "cuts_in_pause_share": sum(r["cuts_in_pause"] for r in split_rows) / max(cuts, 1),
+        "text_exact_share": sum(r["exact"] for r in split_rows) / len(results),
+        "wrong": sum(not r["exact"] for r in split_rows),
         "rejected": [r["why"] for r in results if not r["split"]],
         "mismatch_rejected_share": sum(r["mismatch_rejected"] for r in results) / len(results),
         "seconds_per_clip_median": statistics.median(r["seconds"] for r in results),
         "seconds_per_clip_max": max(r["seconds"] for r in results),
-        "smallest_margin": min((m for r in split for m in r["margins"]), default=None),
-        "lowest_logprob": min((lp for r in split for lp in r["logprobs"]), default=None),
+        "smallest_margin": min((m for r in split_rows for m in r["margins"]), default=None),
+        "lowest_logprob": min((lp for r in split_rows for lp in r["logprobs"]), default=None),
         "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(summary, indent=1, ensure_ascii=False))

@@ -167,8 +167,13 @@ TRAIN=(--config config/demo-tiny.toml --device cpu --shards "$SHARDS" --batch-si
     --sample-log true --max-steps 6 --save-every 2 --eval-every 3 --keep-last 2
     --pack true --prompt-probability 0.5 --gradient-checkpointing true --dropout 0.1)
 train() {  # train RUN_DIR
-    "$VENV_PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer \
-        "${TRAIN[@]}" --output-dir "$1"
+    # A static rendezvous on 127.0.0.1 and a free port, as the tests and gpu_check launch: the
+    # host's own name (which --standalone's c10d rendezvous hands the ranks) is not needed.
+    local port
+    port=$("$VENV_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
+    "$VENV_PYTHON" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
+        --master_port "$port" -m trainer "${TRAIN[@]}" --output-dir "$1"
 }
 step "5/8 train 6 steps on 2 ranks, uninterrupted (the reference)"
 run train-reference train "$OUT/reference"

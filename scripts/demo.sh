@@ -6,8 +6,9 @@
 # MODEL=/path/to/whisper-base bash scripts/demo.sh  fine-tunes a real pretrained Whisper instead
 # (see docs/benchmarks.md for the WER it reaches). TRAIN_ARGS adds trainer flags, for example
 # TRAIN_ARGS="--pack true" trains on packed 30 s windows with timestamps and prompts.
-# ALIGN_MODEL=/path/to/whisper-base splits the demo's long rows with a real aligner (the tiny
-# preset's random weights are never confident, so by default they are counted rejects).
+# The demo's long rows (over the window) are split at pauses: with the tiny preset by the
+# model-free sentence method (its random weights cannot align), with MODEL by that model;
+# ALIGN_MODEL=/path/to/whisper-base names another aligner (docs/shards.md, "Long clips").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,6 +19,12 @@ ALIGN_MODEL=${ALIGN_MODEL:-}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
+ALIGN_ARGS=()
+if [ -n "$ALIGN_MODEL" ]; then
+    ALIGN_ARGS=(--align-model "$ALIGN_MODEL")
+elif [ -z "$MODEL" ]; then
+    ALIGN_ARGS=(--align-method sentences)
+fi
 if [ -z "$MODEL" ]; then
     MODEL=config/models/tiny-whisper-de
     TRAIN_CONFIG=config/demo-tiny.toml
@@ -29,7 +36,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "1/6 build shards from demo/corpus for $MODEL"
 "$PYTHON" -m shard_builder --dataset demo/corpus --model "$MODEL" --out "$OUT/shards" \
-    --shard-size 64 --workers 2 ${ALIGN_MODEL:+--align-model "$ALIGN_MODEL"}
+    --shard-size 64 --workers 2 "${ALIGN_ARGS[@]}"
 
 step "2/6 prove the shards whole"
 "$PYTHON" scripts/check_shards.py "$OUT/shards" --deep --workers 2

@@ -18,6 +18,18 @@ The method, in two steps that never guess:
    words' tokens laid end to end are the text's tokens and every word boundary is a token
    boundary. The last piece takes the remaining words.
 
+Without a trained model (`--align-method sentences`: the demo's random-weight preset, or a
+build that must not load one) the text is cut only where a sentence ends, matched to the audio
+by speaking rate (`sentence_split`): a cut after a piece whose voiced time (frames above the
+silence threshold) is `v` of the clip's `V` seconds is expected `v / V` of the way through the
+transcript's letters; the sentence end nearest that point is taken when it lies within
+`max_error` seconds of speech of it and the next nearest lies at least `max_error` further.
+Otherwise, or when a piece's speaking rate strays beyond `RATE_RANGE` of the clip's, or the
+clip's rate is no speech rate at all (`CLIP_RATE`), the row is `too_long_unaligned`. This method
+cannot hear words: it trusts that the transcript belongs to the audio (a swapped transcript of
+similar length may pass), so it is for corpora whose transcripts are known right, as the demo's
+are by construction; the likelihood method checks that too.
+
 A split is kept only when it is confident (`check_confidence`): for every cut the best boundary
 beats every other boundary by `min_margin` nats, and every piece's text, its end token included,
 has a mean log-probability of at least `min_logprob` per token under the aligner. Otherwise the
@@ -28,6 +40,7 @@ the log of 1/vocabulary).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +50,9 @@ import numpy as np
 from shard_builder.contract import HOP_LENGTH, SAMPLING_RATE
 
 SILENCE_DB = 35.0  # a frame this far below the clip's loudest frame counts as silence
+SENTENCE_END = re.compile(r"[.!?…][\"'»«“”)\]]*$")  # a word that ends a sentence
+RATE_RANGE = (0.6, 1.6)  # a piece's letters per voiced second, as a share of the clip's
+CLIP_RATE = (5.0, 30.0)  # letters per voiced second of any speech (German: ~12-16)
 FRAME = 400  # 25 ms energy frames, every 10 ms (HOP_LENGTH)
 PAUSE_KEEP = int(0.2 * SAMPLING_RATE)  # a piece keeps up to 0.2 s of a pause at its edge
 INIT_SEED = 0  # a weightless model folder (the demo preset) is initialised with this seed
@@ -65,22 +81,31 @@ class Piece:
     start: int  # sample offset in the clip
     stop: int
     text: str
-    margin: float  # nats between the chosen text boundary and the next best (inf: last piece)
-    logprob: float  # mean log-probability per token of the piece's text and end token
+    # between the chosen text boundary and the next best (inf: last piece): nats for the
+    # likelihood method, seconds of speech for the sentence method
+    margin: float
+    logprob: float  # mean log-probability per token of the piece's text and end token (nan:
+    # the sentence method has no model)
 
 
 class Unaligned(Exception):
     """The clip cannot be split with confidence; the message says why."""
 
 
-def find_pauses(waveform: np.ndarray, min_pause: float) -> list[Pause]:
-    """Runs of silent 25 ms frames (hop 10 ms) lasting at least `min_pause` seconds, inside the
-    clip (leading and trailing silence is no place to cut)."""
+def silent_frames(waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first sample of each 25 ms frame, hop 10 ms; whether it is SILENCE_DB below the
+    loudest frame)."""
     squares = np.concatenate([[0.0], np.cumsum(waveform.astype(np.float64) ** 2)])
     starts = np.arange(0, max(1, waveform.size - FRAME + 1), HOP_LENGTH)
     power = (squares[np.minimum(starts + FRAME, waveform.size)] - squares[starts]) / FRAME
     energy = 10 * np.log10(np.maximum(power, 1e-20))
-    silent = energy < energy.max() - SILENCE_DB
+    return starts, energy < energy.max() - SILENCE_DB
+
+
+def find_pauses(waveform: np.ndarray, min_pause: float) -> list[Pause]:
+    """Runs of silent 25 ms frames (hop 10 ms) lasting at least `min_pause` seconds, inside the
+    clip (leading and trailing silence is no place to cut)."""
+    starts, silent = silent_frames(waveform)
     pauses, run_start = [], None
     for index, is_silent in enumerate([*silent.tolist(), False]):
         if is_silent and run_start is None:
@@ -263,6 +288,54 @@ def split_clip(
         check_confidence(piece, number, min_margin, min_logprob)
         pieces.append(piece)
         first += end
+    return pieces
+
+
+def sentence_split(
+    waveform: np.ndarray, text: str, max_samples: int, min_pause: float, max_error: float
+) -> list[Piece]:
+    """Cut a long clip at pauses and its text at sentence ends, matched by speaking rate (see the
+    module docstring); or raise Unaligned saying why not."""
+    words = text.split()
+    bounds = plan_pieces(waveform.size, find_pauses(waveform, min_pause), max_samples)
+    starts, silent = silent_frames(waveform)
+    voiced = np.array([np.sum(~silent[(starts >= a) & (starts < b)]) for a, b in bounds]) / 100
+    letters = np.cumsum([0] + [len(word) for word in words])  # letters before word i
+    ends = [i + 1 for i, word in enumerate(words[:-1]) if SENTENCE_END.search(word)]
+    rate = letters[-1] / max(voiced.sum(), 1e-9)  # letters per voiced second
+    if not CLIP_RATE[0] <= rate <= CLIP_RATE[1]:
+        raise Unaligned(
+            f"{rate:.1f} letters per voiced second is no speech rate (expected "
+            f"{CLIP_RATE[0]:g}-{CLIP_RATE[1]:g}): does the transcript match the audio?"
+        )
+    cuts, margins = [], []
+    for number, heard in enumerate(np.cumsum(voiced)[:-1]):
+        errors = sorted((abs(letters[end] - heard * rate) / rate, end) for end in ends)
+        if not errors:
+            raise Unaligned(f"{len(bounds)} pieces planned but no sentence end to cut the text at")
+        (best, end), second = errors[0], errors[1][0] if len(errors) > 1 else float("inf")
+        where = f"cut {number} ({bounds[number][1] / SAMPLING_RATE:.2f} s)"
+        if best > max_error or second - best < max_error:
+            raise Unaligned(
+                f"{where}: the nearest sentence end is {best:.2f} s of speech from where the "
+                f"speaking rate puts it, the next {second:.2f} s (need <= {max_error:g} and "
+                f"{max_error:g} more)"
+            )
+        if cuts and end <= cuts[-1]:
+            raise Unaligned(f"{where}: no sentence left for the piece before it")
+        cuts.append(end)
+        margins.append(second - best)
+    firsts, lasts = [0, *cuts], [*cuts, len(words)]
+    pieces = []
+    for number, ((start, stop), first, last) in enumerate(zip(bounds, firsts, lasts, strict=True)):
+        share = (letters[last] - letters[first]) / max(voiced[number], 1e-9) / rate
+        if not RATE_RANGE[0] <= share <= RATE_RANGE[1]:
+            raise Unaligned(
+                f"piece {number} ({start / SAMPLING_RATE:.2f}-{stop / SAMPLING_RATE:.2f} s) would "
+                f"be spoken at {share:.2f} times the clip's rate"
+            )
+        margin = margins[number] if number < len(margins) else float("inf")
+        pieces.append(Piece(start, stop, " ".join(words[first:last]), margin, float("nan")))
     return pieces
 
 

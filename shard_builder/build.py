@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shard_builder.align import Aligner, Unaligned, split_clip
+from shard_builder.align import Aligner, Unaligned, sentence_split, split_clip
 from shard_builder.audio import RejectedRow, decode_audio
 from shard_builder.config import BuilderConfig
 from shard_builder.contract import (
@@ -154,15 +154,20 @@ def split_samples(row: Row, split: str, waveform) -> list[tuple[str, dict[str, b
     config: BuilderConfig = _worker["config"]
     max_samples = _worker["extractor"].max_samples
     try:
-        pieces = split_clip(
-            waveform,
-            row.text,
-            aligner(),
-            max_samples,
-            config.min_pause,
-            config.align_min_margin,
-            config.align_min_logprob,
-        )
+        if config.align_method == "sentences":
+            pieces = sentence_split(
+                waveform, row.text, max_samples, config.min_pause, config.align_max_error
+            )
+        else:
+            pieces = split_clip(
+                waveform,
+                row.text,
+                aligner(),
+                max_samples,
+                config.min_pause,
+                config.align_min_margin,
+                config.align_min_logprob,
+            )
     except Unaligned as unaligned:
         raise RejectedRow(
             "too_long_unaligned", f"{waveform.size / SAMPLING_RATE:.2f} s: {unaligned}"
@@ -194,8 +199,8 @@ def check_aligner_window(config: BuilderConfig) -> None:
     """Before any work: the aligner must hear a whole piece, i.e. at least the model's window."""
     from transformers import WhisperFeatureExtractor
 
-    if config.long_audio != "split":
-        return
+    if config.long_audio != "split" or config.align_method == "sentences":
+        return  # no aligner model is loaded
     heard = window_frames(WhisperFeatureExtractor.from_pretrained(config.aligner_name))
     if heard < _worker["extractor"].max_frames:
         raise BuildError(
@@ -284,6 +289,12 @@ def settings_fingerprint(config: BuilderConfig, split: str) -> dict[str, Any]:
 
 
 def long_audio_settings(config: BuilderConfig) -> dict[str, Any]:
+    if config.align_method == "sentences":
+        return {
+            "align_method": "sentences",
+            "min_pause": config.min_pause,
+            "align_max_error": config.align_max_error,
+        }
     return {
         "align_model": config.aligner_name,
         "min_pause": config.min_pause,

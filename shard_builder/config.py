@@ -61,6 +61,18 @@ class BuilderConfig:
         "(empty: --model). Its window must hold the --model's",
         default="",
     )
+    align_method: str = _help(
+        "how a long clip's transcript is cut: likelihood (where --align-model best explains each "
+        "piece's audio; checks that the transcript matches) or sentences (no model: at sentence "
+        "ends, matched by speaking rate; trusts the transcript; for the demo's random-weight "
+        "preset). docs/shards.md",
+        default="likelihood",
+    )
+    align_max_error: float = _help(
+        "sentences method: the chosen sentence end must lie within this many seconds of speech "
+        "of where the speaking rate puts the cut, and the next nearest this much further",
+        default=0.75,
+    )
     min_pause: float = _help("shortest silence, in seconds, a long clip may be cut in", default=0.3)
     align_min_margin: float = _help(
         "a cut's chosen word boundary must beat every other by this many nats, or the clip is "
@@ -102,6 +114,12 @@ class BuilderConfig:
             raise ValueError(f"--long-audio must be split or reject, got {self.long_audio!r}")
         if self.min_pause <= 0:
             raise ValueError("--min-pause must be positive")
+        if self.align_method not in ("likelihood", "sentences"):
+            raise ValueError(
+                f"--align-method must be likelihood or sentences, got {self.align_method!r}"
+            )
+        if self.align_max_error <= 0:
+            raise ValueError("--align-max-error must be positive")
 
 
 def parse_args(argv: list[str] | None = None) -> BuilderConfig:
@@ -121,7 +139,12 @@ def parse_args(argv: list[str] | None = None) -> BuilderConfig:
             parser.add_argument(flag, nargs="+", default=default, help=spec.metadata["help"])
         else:
             kind = int if spec.name in ("workers", "shard_size", "limit") else str
-            if spec.name in ("min_pause", "align_min_margin", "align_min_logprob"):
+            if spec.name in (
+                "min_pause",
+                "align_min_margin",
+                "align_min_logprob",
+                "align_max_error",
+            ):
                 kind = float
             parser.add_argument(
                 flag,

@@ -6,7 +6,8 @@ the extractor, same bytes for any worker count and after a kill, every row accou
 checker agrees) on the demo corpus with the tiny preset as aligner and the confidence rule
 switched off (a random-weight model is never confident; `--align-min-*` set very low). With
 whisper-base (WHISPER_BASE_DIR): the demo's long rows split at their true joints, and a
-transcript that belongs to another clip is rejected.
+transcript that belongs to another clip is rejected. The model-free sentence method
+(`--align-method sentences`, what the demo uses with its random preset) on the demo's long rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ import pytest
 from transformers import WhisperFeatureExtractor
 
 from shard_builder import align
-from shard_builder.align import Pause, Unaligned, find_pauses, plan_pieces, split_clip
+from shard_builder.align import (
+    Pause,
+    Unaligned,
+    find_pauses,
+    plan_pieces,
+    sentence_split,
+    split_clip,
+)
 from shard_builder.audio import decode_audio
 from shard_builder.check import check_folder
 from shard_builder.contract import load_manifest, npy_from_bytes, piece_of_key
@@ -292,6 +300,50 @@ def test_an_aligner_with_a_shorter_window_than_the_model_is_refused_before_any_w
     assert result.returncode == 2
     assert "hears 5 s, less than the 30 s window" in result.stderr
     assert not list(out.rglob("*.tar"))
+
+
+# --- the sentence method (no model) ------------------------------------------------------------
+
+
+def long_row_audio(long_row) -> tuple[np.ndarray, str]:
+    row = train_rows()[long_row["row"]]
+    return decode_audio(row["audio"]["bytes"]), row["transkription"]
+
+
+@pytest.mark.parametrize("window", [5, 30])
+@pytest.mark.parametrize("index", range(len(LONG_ROWS)))
+def test_the_sentence_method_splits_the_demo_long_rows_at_their_true_joints(index, window):
+    waveform, text = long_row_audio(LONG_ROWS[index])
+    pieces = sentence_split(waveform, text, window * RATE, 0.3, 0.75)
+    assert len(pieces) >= 2 and all(p.stop - p.start <= window * RATE for p in pieces)
+    assert " ".join(p.text for p in pieces) == text
+    assert true_pieces_hold(pieces, LONG_ROWS[index])
+    assert all(p.margin >= 0.75 for p in pieces)
+
+
+def test_the_sentence_method_refuses_what_the_speaking_rate_cannot_place():
+    waveform, text = long_row_audio(LONG_ROWS[0])
+    _, other = long_row_audio(LONG_ROWS[1])
+    with pytest.raises(Unaligned, match="sentence end is"):  # another clip's transcript
+        sentence_split(waveform, other, 5 * RATE, 0.3, 0.75)
+    with pytest.raises(Unaligned, match="no speech rate"):  # three times the words
+        sentence_split(waveform, " ".join([text] * 3), 30 * RATE, 0.3, 0.75)
+    with pytest.raises(Unaligned, match="no sentence end"):
+        sentence_split(waveform, text.replace(".", "").replace("?", ""), 30 * RATE, 0.3, 0.75)
+
+
+def test_the_demo_build_with_the_sentence_method_splits_its_long_rows(tmp_path):
+    result = build_shards(tmp_path, TINY_MODEL, "--splits", "train", "--align-method", "sentences")
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = pieces_by_row(tmp_path / "train")
+    assert sorted(split) == sorted([r["row"] for r in LONG_ROWS] + [266])
+    rows = train_rows()
+    for row_id, pieces in split.items():
+        assert " ".join(p["text"] for p in pieces) == rows[row_id]["transkription"]
+    manifest = load_manifest(tmp_path / "train")
+    assert manifest["num_split"] == 5
+    assert manifest["long_audio_settings"]["align_method"] == "sentences"
+    assert check_folder(tmp_path, deep=True, progress=False).ok
 
 
 # --- whisper-base as aligner ------------------------------------------------------------------
