@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._trainer_run import run_trainer, sample_log, weights
+from tests._trainer_run import REPO, run_trainer, sample_log, trainer_command, weights
 from trainer import checkpoint as ckpt
 from trainer import preemption
 from trainer.checkpoint import CheckpointConfig
@@ -119,8 +120,8 @@ def test_loader_workers_survive_the_stop_signals(demo_shards):
     iterator = iter(data.batches(epoch=0))
     count = len([next(iterator)])
     (worker,) = iterator._workers
-    for number in preemption.SIGNALS:
-        os.kill(worker.pid, number)
+    for number in preemption.SIGNALS:  # sent by another process, as a terminal or SLURM would
+        subprocess.run(["kill", f"-{signal.Signals(number).name[3:]}", str(worker.pid)], check=True)
     time.sleep(0.5)  # a worker that dies of it is gone by now
     assert worker.is_alive()
     count += sum(1 for _ in iterator)  # without the fix: "DataLoader worker exited unexpectedly"
@@ -249,3 +250,43 @@ def test_checkpoints_by_the_clock_come_on_schedule(demo_shards, tmp_path):
             if line.endswith(f"-{step}")
         ]
         restarted, previous = written[0], step
+
+
+def _ctrl_c(demo_shards, run_dir: Path, presses: int) -> tuple[int, str]:
+    """A single-process run and a terminal's Ctrl-C: SIGINT to its whole process group (the
+    loader workers included), `presses` times, each once the previous one was acknowledged."""
+    args = ("--max-steps", "200", "--save-every", "100", "--eval-every", "0", "--num-workers", "2")
+    process = subprocess.Popen(
+        trainer_command(1, demo_shards, run_dir, *args),
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines, sent = [], 0
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            first = "INFO step 2:" in line and sent == 0
+            if first or ("SIGINT received" in line and 0 < sent < presses):
+                os.killpg(process.pid, signal.SIGINT)
+                sent += 1
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit within 60 s of Ctrl-C:\n{''.join(lines)[-3000:]}") from None
+    return process.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_with_75_and_twice_stops_at_once(demo_shards, tmp_path):
+    code, output = _ctrl_c(demo_shards, tmp_path / "once", presses=1)
+    assert code == preemption.EXIT_STOPPED, output[-3000:]
+    stopped_at = json.loads((tmp_path / "once" / preemption.STOPPED_FILE).read_text())["step"]
+    assert ckpt.latest_checkpoint(tmp_path / "once").name == f"step-{stopped_at}"
+
+    code, output = _ctrl_c(demo_shards, tmp_path / "twice", presses=2)
+    assert code == -signal.SIGINT, output[-3000:]  # KeyboardInterrupt: what a shell shows as 130
+    assert "KeyboardInterrupt" in output and "stopped at step" not in output

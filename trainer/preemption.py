@@ -52,11 +52,22 @@ def ignore_in_loader_worker(worker_id: int) -> None:
     A terminal's Ctrl-C goes to the whole foreground process group and SLURM signals every
     process of a job step, loader workers included; a worker that died of it (torch's workers
     exit on KeyboardInterrupt) would make the step's next batch fail before the checkpoint. A
-    worker still exits when its training process does (torch's watchdog sees the parent go).
+    worker still exits when its training process does (torch's watchdog sees the parent go),
+    and on a SIGTERM from it: multiprocessing ends the workers left at exit (after an error or a
+    second Ctrl-C) with terminate(), a SIGTERM, and then waits for them.
     """
     del worker_id
-    for number in SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Blocked, so that it waits for a thread that can see who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)
 
 
 def _name(number: int) -> str:
