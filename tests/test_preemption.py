@@ -77,6 +77,16 @@ def test_first_signal_asks_second_ctrl_c_interrupts_and_old_handlers_come_back(t
         for number, handler in before.items():
             signal.signal(number, handler)
 
+    # torchrun forwards a first Ctrl-C as SIGINT and answers a second by SIGTERMing its workers
+    twice = preemption.Stopper(CheckpointConfig(), Dist(), _Log(), tmp_path)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        twice.restore()
+    assert _handlers() == before
+
 
 def test_clock_makes_a_checkpoint_due_and_a_write_restarts_it(tmp_path):
     stop = preemption.Stopper(

@@ -6,7 +6,7 @@ few milliseconds apart; a SIGINT may reach one worker only), so nothing is decid
 arrives: once per optimiser step every rank puts its request into the all-reduce the loop makes
 anyway (the inf/NaN flag), and every rank reads the same answer at the same step. They finish
 that step, write a checkpoint at it and exit with EXIT_STOPPED; running the same command again
-resumes there. A second SIGINT stops at once (KeyboardInterrupt).
+resumes there. A second Ctrl-C stops at once (KeyboardInterrupt).
 
 The same all-reduce carries rank 0's clock: with checkpoint.save_every_minutes, a checkpoint is
 also due once that much wall time has passed since the last one (measured on rank 0 only, so
@@ -115,11 +115,12 @@ class Stopper:
 
     def _on_signal(self, number: int, frame) -> None:
         del frame
-        if number == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
+        # A second Ctrl-C at torchrun reaches its workers as SIGTERM (the first one as SIGINT).
+        at_once = self.interrupts > 0 and number in (signal.SIGINT, signal.SIGTERM)
+        self.interrupts += number == signal.SIGINT
+        if at_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if not self.received:
             self.received, self.received_at = number, time.time()
         # os.write: a handler may run while the main thread is inside a print to stderr.
