@@ -92,6 +92,7 @@ class Run:
 
 
 def main(config: TrainConfig) -> int:
+    preemption.forget_last_stop(config.output_dir)
     try:
         run = setup(config)
     except (ValueError, ShardFetchError) as error:  # shards that do not fit or cannot be

@@ -70,6 +70,12 @@ def _exit_on_sigterm_from_parent() -> None:
             os._exit(0)
 
 
+def forget_last_stop(run_dir: str | Path) -> None:
+    """Remove RUN/stopped.json as a session starts: a run that then fails (a refused resume, a
+    crash) must not look stopped, or a script would requeue it for ever."""
+    (Path(run_dir) / STOPPED_FILE).unlink(missing_ok=True)
+
+
 def _name(number: int) -> str:
     return signal.Signals(number).name
 
@@ -105,8 +111,6 @@ class Stopper:
         self.announced = False
         self.hook = _Hook.parse(os.environ.get(SIGNAL_HOOK))
         self.previous: dict[int, Any] = {}
-        if info.is_main:
-            (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)
         if threading.current_thread() is not threading.main_thread():
             logger.warning("not the main thread: no signal handlers, a signal stops at once")
             return
