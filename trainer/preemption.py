@@ -127,11 +127,12 @@ class Stopper:
             raise KeyboardInterrupt
         if not self.received:
             self.received, self.received_at = number, time.time()
+        again = "again" if number == signal.SIGINT else "twice"
         # os.write: a handler may run while the main thread is inside a print to stderr.
         os.write(
             2,
             f"[rank {self.info.rank}] {_name(number)} received: finishing this optimiser step, "
-            "then a checkpoint and exit (Ctrl-C again stops at once)\n".encode(),
+            f"then a checkpoint and exit (Ctrl-C {again} stops at once)\n".encode(),
         )
 
     def restore(self) -> None:
