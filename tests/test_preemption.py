@@ -117,7 +117,7 @@ def test_grace_warning_names_the_variable_to_raise():
     torchrun = {"TORCHELASTIC_RUN_ID": "x"}
     assert preemption.grace_warning(13.0, 10.0, torchrun) is None  # 23 s fit in 30 s
     warning = preemption.grace_warning(13.0, 25.0, torchrun)
-    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in warning and "38 s" in warning, warning
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in warning and "38.0 s" in warning, warning
     raised = {**torchrun, preemption.GRACE_VARIABLE: "60"}
     assert preemption.grace_warning(13.0, 25.0, raised) is None
     assert preemption.grace_warning(13.0, 25.0, {}) is None  # no torchrun, no grace period
@@ -233,11 +233,14 @@ def test_checkpoints_by_the_clock_come_on_schedule(demo_shards, tmp_path):
     interval = 1.5  # seconds; steps of the tiny preset take ~0.4 s here
     args = ("--max-steps", "10", "--save-every", "0", "--eval-every", "0", "--keep-last", "20")
     minutes = ("--save-every-minutes", str(interval / 60), "--pack", "false")
-    result = run_trainer(2, demo_shards, tmp_path, *args, *minutes, timeout=240)
+    # no grace at all: the first checkpoint must warn that a step plus a write outlast it
+    env = {preemption.GRACE_VARIABLE: "0"}
+    result = run_trainer(2, demo_shards, tmp_path, *args, *minutes, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
     steps = [number for number, _ in ckpt.list_checkpoints(tmp_path)]
     assert len(steps) >= 2 and steps[-1] == 10, steps  # save_every 0: only the end, but the clock
     log = (tmp_path / "training.log").read_text()
+    assert log.count(f"Set {preemption.GRACE_VARIABLE}=") == 1, "warned at the first one only"
     step_time = {
         int(line.split("step ")[1].split(":")[0]): when
         for when, line in _log_times(log, " INFO step ")

@@ -233,8 +233,8 @@ def grace_warning(
     if needed <= grace:
         return None
     return (
-        f"one optimiser step ({step_seconds:.0f} s) plus a checkpoint write ({write_seconds:.0f} s)"
-        f" take {needed:.0f} s, longer than torchrun waits after forwarding a SIGTERM or Ctrl-C "
+        f"one optimiser step ({step_seconds:.1f} s) plus a checkpoint write ({write_seconds:.1f} s)"
+        f" take {needed:.1f} s, longer than torchrun waits after forwarding a SIGTERM or Ctrl-C "
         f"({grace:.0f} s) before it SIGKILLs the workers: a stop on a signal would lose the "
         f"checkpoint. Set {GRACE_VARIABLE}={int(needed * 2) + 1} (or torchrun --shutdown-timeout)."
     )
