@@ -86,6 +86,7 @@ class TrainConfig:
             raise ValueError("no shards: pass --shards or set SHARDS_DIR")
         self.data.validate()
         self.optim.validate()
+        self.checkpoint.validate()
         self.fit.validate(self.data.batch_size, self.data.bucket_buffer)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from trainer.data.packing import PackedTrainData, WindowTargets, window_features
 from trainer.evaluate import HFDecoder, evaluate_split
 from trainer.model import decoder_inputs_and_labels, load_model, token_loss, window_frames
 from trainer.runtime import checkpoint as ckpt
-from trainer.runtime import distributed, fit, gpu
+from trainer.runtime import distributed, fit, gpu, preemption
 from trainer.runtime.distributed import Dist
 from trainer.runtime.memory_phases import PhasePeaks
 from trainer.runtime.optim import (
@@ -89,9 +89,11 @@ class Run:
     state: TrainState
     hooks: dict[str, int]
     fit: fit.Accumulator  # one optimiser step in micro-batches that fit the card
+    stop: preemption.Stopper | None = None  # signal handlers and the clock, while training
 
 
 def main(config: TrainConfig) -> int:
+    preemption.forget_last_stop(config.output_dir)
     try:
         run = setup(config)
     except (ValueError, ShardFetchError) as error:  # shards that do not fit or cannot be
@@ -100,13 +102,12 @@ def main(config: TrainConfig) -> int:
         distributed.cleanup_distributed()
         return 2
     try:
-        train(run)
+        return train(run)  # 0, or preemption.EXIT_STOPPED after a stop on a signal
     except TrainingDiverged as error:
         run.logger.logger.error("%s", error)
         return 3
     finally:
         cleanup(run)
-    return 0
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -315,8 +316,9 @@ def batch_stream(train_data: TrainData, epoch: int, start_batch: int):
         epoch, start_batch = epoch + 1, 0
 
 
-def train(run: Run) -> None:
+def train(run: Run) -> int:
     config, info, state = run.config, run.info, run.state
+    stop = run.stop = preemption.Stopper(config.checkpoint, info, run.logger, run.run_dir)
     accum = config.optim.grad_accum
     stream = batch_stream(run.train_data, state.epoch, state.batch_in_epoch)
     pad_id = run.model.config.pad_token_id
@@ -376,7 +378,8 @@ def train(run: Run) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         # Gradients are all-reduced, so every rank sees the same norm; the explicit all-reduce
         # of the flag makes the skip decision identical even if that ever stopped being true.
-        found_inf = distributed.any_rank(info, not bool(torch.isfinite(grad_norm)))
+        # The same all-reduce agrees on a stop (a signal on any rank) and on the clock.
+        found_inf = stop.agree(state.step + 1, not bool(torch.isfinite(grad_norm)))
         if run.scaler is not None:
             run.scaler.step(run.optimizer)  # skips the update itself when it saw inf/NaN
             run.scaler.update()
@@ -417,13 +420,8 @@ def train(run: Run) -> None:
         scale = run.scaler.get_scale() if run.scaler is not None else None
         check_overflow(state.step + int(found_inf), state.consecutive_skips, scale, config.optim)
 
-        window.add(
-            loss_sum,
-            tokens,
-            samples,
-            time.perf_counter() - step_started,
-            None if found_inf else float(grad_norm),
-        )
+        step_seconds = time.perf_counter() - step_started
+        window.add(loss_sum, tokens, samples, step_seconds, None if found_inf else float(grad_norm))
         if found_inf:
             continue  # the same step again: nothing below is due twice
         if bar is not None:
@@ -447,19 +445,23 @@ def train(run: Run) -> None:
 
         last = state.step == run.total_steps
         every = config.eval.eval_every
-        if last or (every > 0 and state.step % every == 0):
+        if last or (every > 0 and state.step % every == 0 and not stop.stopping):
             with peaks.phase("evaluation", state.step):
                 evaluate(run)
         save_every = config.checkpoint.save_every
-        if last or (save_every > 0 and state.step % save_every == 0):
-            with peaks.phase("checkpoint_write", state.step):
+        if last or (save_every > 0 and state.step % save_every == 0) or stop.checkpoint_due:
+            with peaks.phase("checkpoint_write", state.step), stop.checkpointing(step_seconds):
                 save_checkpoint(run)
+        if stop.stopping and not last:
+            break
 
     stream.close()
     if bar is not None:
         bar.close()
     if sample_log is not None:
         sample_log.close()
+    if state.step < run.total_steps:
+        return stop.stopped(state.step, ckpt.latest_checkpoint(run.run_dir))
     elapsed = time.perf_counter() - started
     steps_done = state.step - start_step
     run.logger.info(
@@ -476,6 +478,7 @@ def train(run: Run) -> None:
         state.best_step,
         run.run_dir / ckpt.BEST,
     )
+    return 0
 
 
 class _Window:
@@ -681,3 +684,5 @@ def save_checkpoint(run: Run) -> None:
 def cleanup(run: Run) -> None:
     run.logger.close()
     distributed.cleanup_distributed()
+    if run.stop is not None:
+        run.stop.restore()

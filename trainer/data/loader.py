@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_builder import contract, reader, storage
 from trainer.data import sampling
+from trainer.runtime import preemption
 
 IGNORE_INDEX = -100  # label padding the loss ignores (HF's convention)
 
@@ -372,6 +373,7 @@ def make_loader(dataset: PlannedBatches, config: DataConfig) -> DataLoader:
         pin_memory=config.pin_memory and torch.cuda.is_available(),
         prefetch_factor=config.prefetch_factor if config.num_workers > 0 else None,
         in_order=True,
+        worker_init_fn=preemption.ignore_in_loader_worker,  # a Ctrl-C must not end the step
     )
 
 

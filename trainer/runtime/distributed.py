@@ -84,6 +84,15 @@ def any_rank(info: Dist, flag: bool) -> bool:
     return bool(value.item())
 
 
+def max_over_ranks(info: Dist, values: list[int]) -> list[int]:
+    """The element-wise maximum of `values` over all ranks, on every rank (one all-reduce)."""
+    if not info.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=_comm_device(info))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_reduce_sum(info: Dist, values: list[float]) -> list[float]:
     if not info.enabled:
         return list(values)
