@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from trainer import sampling
 
 
-def resume_config(config, training: dict[str, Any], world_size: int, log: logging.Logger):
+def resume_config(
+    config, training: dict[str, Any], world_size: int, log: logging.Logger, folder: Path
+):
     """`config` with the checkpoint's data streams and the grad_accum and num_workers that keep
     its global batch on `world_size` ranks; ValueError when no such setting exists."""
     saved = training["data_signature"]
     if "streams" not in saved:
         raise ValueError(
-            "the checkpoint was written before data streams (data.streams) made the data order "
+            f"{folder} was written before data streams (data.streams) made the data order "
             "independent of the number of ranks: resume it with the version that wrote it, or "
             "start a new run folder"
         )
@@ -40,14 +43,16 @@ def resume_config(config, training: dict[str, Any], world_size: int, log: loggin
     data, optim = config.data, config.optim
     if data.streams not in (0, streams):
         raise ValueError(
-            f"the checkpoint's data order has {streams} data streams, --streams asks for "
+            f"{folder}: its data order has {streams} data streams, --streams asks for "
             f"{data.streams}: set --streams {streams} (or 0, auto, keeps it) to resume"
         )
     accum = optim.grad_accum
     if world_size * accum != global_batch:
         derivable = accum == saved_accum and global_batch % world_size == 0
         if not derivable or streams % world_size:
-            raise ValueError(refusal(streams, global_batch, saved_world, world_size, accum))
+            raise ValueError(
+                f"{folder}: {refusal(streams, global_batch, saved_world, world_size, accum)}"
+            )
         accum = global_batch // world_size
         log.info(
             "resuming on %d rank(s) instead of %d: grad_accum %d -> %d keeps the global batch "
@@ -59,7 +64,9 @@ def resume_config(config, training: dict[str, Any], world_size: int, log: loggin
             global_batch,
         )
     if streams % world_size:
-        raise ValueError(refusal(streams, global_batch, saved_world, world_size, accum))
+        raise ValueError(
+            f"{folder}: {refusal(streams, global_batch, saved_world, world_size, accum)}"
+        )
     workers = fitting_workers(streams, world_size, data.num_workers)
     if workers != data.num_workers:
         log.info(
@@ -90,13 +97,15 @@ def working_gpu_counts(streams: int, global_batch: int) -> list[int]:
     return [n for n in range(1, global_batch + 1) if global_batch % n == 0 and streams % n == 0]
 
 
-def refusal(streams: int, global_batch: int, saved_world: int, world_size: int, accum: int):
+def refusal(streams: int, global_batch: int, saved_world: int, world_size: int, accum: int) -> str:
+    """Why the global batch cannot be kept, and every GPU count (with its grad_accum and
+    num_workers) that keeps it."""
     options = ", ".join(
         f"{n} GPU(s) with grad_accum {global_batch // n} and num_workers dividing {streams // n}"
         for n in working_gpu_counts(streams, global_batch)
     )
     return (
-        f"the checkpoint was trained on {saved_world} rank(s) x grad_accum "
+        f"it was trained on {saved_world} rank(s) x grad_accum "
         f"{global_batch // saved_world} = {global_batch} loader batches per optimiser step, "
         f"over {streams} data streams; {world_size} rank(s) x grad_accum {accum} = "
         f"{world_size * accum} would train other batches in each step. It resumes on {options} "

@@ -140,7 +140,7 @@ def setup(config: TrainConfig) -> Run:
     rng_states = training = None
     if latest is not None:  # read first: on another number of GPUs it sets grad_accum
         training, rng_states = ckpt.load_training_files(latest)
-        config = elastic.resume_config(config, training, info.world_size, logger)
+        config = elastic.resume_config(config, training, info.world_size, logger, latest)
 
     precision = resolve_precision(config.optim.precision, info.device)
     train_data = make_train_data(config, train_dir, info, tokenizer, frames, model.config)
