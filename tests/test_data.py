@@ -284,7 +284,7 @@ def test_batches_for_counts_full_buffers_and_a_partial_last_batch():
 
 
 def test_dataloader_takes_worker_batches_round_robin():
-    """The resume arithmetic relies on it: global batch g comes from worker g % K."""
+    """The stream arithmetic relies on it: rank-local batch j comes from worker j % K."""
 
     class Tagged(torch.utils.data.IterableDataset):
         def __iter__(self):

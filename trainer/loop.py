@@ -273,17 +273,8 @@ def make_train_data(config, split: Path, info, tokenizer, frames: int, model_con
     )
     progress = info.is_main and config.log.progress
     cache = Path(config.output_dir) / "pack-index"
-    return PackedTrainData(
-        split,
-        data,
-        info.rank,
-        info.world_size,
-        targets,
-        frames,
-        progress,
-        cache,
-        grad_accum=config.optim.grad_accum,
-    )
+    rank, world, accum = info.rank, info.world_size, config.optim.grad_accum
+    return PackedTrainData(split, data, rank, world, targets, frames, progress, cache, accum)
 
 
 def model_inputs(batch: dict, device: torch.device, window: int, pad_id: int):

@@ -205,7 +205,9 @@ def turns_before(position: int, index: int, period: int) -> int:
     return max(0, -(-(position - index) // period))
 
 
-def stream_of(rank: int, worker: int, turn: int, world_size: int, num_workers: int, streams: int):
+def stream_of(
+    rank: int, worker: int, turn: int, world_size: int, num_workers: int, streams: int
+) -> tuple[int, int]:
     """(stream, its local batch) that loader worker `worker` of rank `rank` emits at `turn`."""
     workers = effective_workers(num_workers)
     per_worker = streams // (world_size * workers)
