@@ -451,6 +451,14 @@ class TrainData:
     def dropped_per_epoch(self, epoch: int = 0) -> int:
         return sum(self.shard_sizes) - self.samples_per_stream * self.streams
 
+    def describe(self, epoch: int = 0) -> str:
+        """One line for the log: how the epoch is cut into streams, and what it leaves out."""
+        return (
+            f"unpacked: {sum(self.shard_sizes)} samples in {self.streams} data streams of "
+            f"{self.samples_per_stream}; {self.dropped_per_epoch()} sample(s) left out per "
+            "epoch so that every data stream gets as many"
+        )
+
     def order_signature(self) -> dict[str, Any]:
         """What a (epoch, batch) position depends on: store it, refuse a resume that differs."""
         global_batch = self.world_size * self.grad_accum

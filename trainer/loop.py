@@ -144,7 +144,7 @@ def setup(config: TrainConfig) -> Run:
 
     precision = resolve_precision(config.optim.precision, info.device)
     train_data = make_train_data(config, train_dir, info, tokenizer, frames, model.config)
-    if config.data.pack and info.is_main:
+    if info.is_main:
         logger.info("%s", train_data.describe(0))
     per_epoch = train_data.batches_per_epoch() // config.optim.grad_accum
     if per_epoch < 1 and config.optim.max_steps == 0:

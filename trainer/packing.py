@@ -659,8 +659,9 @@ class PackedTrainData:
         return (
             f"packed: {utterances} utterances in {len(windows)} windows in epoch {epoch} "
             f"({utterances / len(windows):.2f} per window, {100 * share:.1f} % of the window "
-            f"frames hold speech); {self.dropped_per_epoch(epoch)} window(s) left out so "
-            "that every data stream gets as many"
+            f"frames hold speech) and {self.streams} data streams; "
+            f"{self.dropped_per_epoch(epoch)} window(s) left out so that every data stream "
+            "gets as many"
         )
 
     def order_signature(self) -> dict[str, Any]:
