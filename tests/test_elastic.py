@@ -36,6 +36,8 @@ ARGS = (
     "0",
     "--schedule",
     "constant",
+    "--streams",
+    "0",  # auto, 8 for 2 ranks x 1 worker (the demo config sets 2)
 )
 LOG = logging.getLogger("test")
 
