@@ -130,7 +130,8 @@ def check_streams(streams: int, world_size: int, num_workers: int) -> None:
     if streams < 1 or streams % (world_size * workers):
         raise ValueError(
             f"data.streams {streams} is not a multiple of {world_size} rank(s) x {workers} "
-            f"loader worker(s): every worker must own as many streams"
+            f"loader worker(s): every worker must own as many streams; set --streams to a "
+            f"multiple of {world_size * workers} (0 = auto) or change --num-workers"
         )
 
 
