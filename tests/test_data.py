@@ -193,9 +193,9 @@ def loader_order(rank, world, num_workers, streams, per_stream, start_batch=0):
         order.append(item)
 
 
-def steps_of(world, accum, num_workers, streams, per_stream_by_epoch, resume_at=None):
-    """Per optimiser step, the set of (epoch, global batch) its ranks train on. `resume_at`:
-    (world, accum, num_workers, step) of a second run that resumes there."""
+def steps_of(world, accum, num_workers, streams, per_stream_by_epoch):
+    """Per optimiser step, the set of (epoch, global batch) its ranks train on, epochs one
+    after another (a step may span an epoch boundary)."""
     per_rank = {}
     for rank in range(world):
         batches = []
