@@ -7,6 +7,7 @@ shard sizes, fast); the demo shards prove the bucketing and the manifest checks 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -122,35 +123,143 @@ def batch_keys(batches) -> list[list[str]]:
 def test_128_rank_plans_partition_the_epoch_within_the_drop_bound(num_workers, epoch):
     sizes = UNEVEN_SIZES * 40  # 4960 samples in 160 uneven shards
     world = 128
-    seen, batch_counts = Counter(), set()
+    streams = sampling.resolve_streams(0, world, num_workers)
+    assert streams == world * max(1, num_workers)  # auto: the smallest multiple >= 8
+    seen, batch_counts, stream_sizes = Counter(), set(), set()
     for rank in range(world):
         plans = sampling.train_worker_plans(
-            sizes, seed=3, epoch=epoch, rank=rank, world_size=world, num_workers=num_workers
+            sizes,
+            seed=3,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            num_workers=num_workers,
+            streams=streams,
         )
-        worker_counts = {plan.num_samples for plan in plans}
-        assert len(worker_counts) == 1  # every worker of every rank holds the same count
         for plan in plans:
-            seen.update(
-                (span.shard, i) for span in plan.spans for i in range(span.start, span.stop)
-            )
+            for stream in plan.streams:
+                stream_sizes.add(stream.num_samples)
+                seen.update(
+                    (span.shard, i) for span in stream.spans for i in range(span.start, span.stop)
+                )
         batch_counts.add(sum(sampling.batches_for(plan.num_samples, 16, 4) for plan in plans))
+    assert len(stream_sizes) == 1  # every stream of every worker of every rank holds as many
     assert max(seen.values()) == 1  # no sample twice
     dropped = sum(sizes) - len(seen)
-    assert 0 <= dropped <= sampling.dropped_bound(world, num_workers)
-    assert sampling.dropped_bound(world, num_workers) == 127 + 128 * (max(1, num_workers) - 1)
+    assert dropped == sum(sizes) % streams <= sampling.dropped_bound(streams) == streams - 1
     assert len(batch_counts) == 1  # batches_per_epoch identical on every rank
 
 
-def test_rank_blocks_are_contiguous_in_the_shuffled_stream():
+def test_stream_blocks_are_contiguous_in_the_shuffled_stream():
     sizes = UNEVEN_SIZES
     order = sampling.epoch_shard_order(len(sizes), seed=0, epoch=0)
     stream = [(shard, i) for shard in order for i in range(sizes[shard])]
-    for rank in range(3):
-        for worker in range(2):
-            start, stop = sampling.worker_block(sum(sizes), 3, 2, rank, worker)
-            spans = sampling.stream_spans(sizes, order, start, stop)
-            flat = [(s.shard, i) for s in spans for i in range(s.start, s.stop)]
-            assert flat == stream[start:stop]
+    for index in range(12):
+        start, stop = sampling.stream_block(sum(sizes), 12, index)
+        assert (start, stop) == (index * (124 // 12), (index + 1) * (124 // 12))
+        spans = sampling.stream_spans(sizes, order, start, stop)
+        flat = [(s.shard, i) for s in spans for i in range(s.start, s.stop)]
+        assert flat == stream[start:stop]
+
+
+def test_auto_streams_and_a_count_that_does_not_split_evenly():
+    assert sampling.resolve_streams(0, 1, 0) == 8
+    assert sampling.resolve_streams(0, 2, 1) == 8
+    assert sampling.resolve_streams(0, 3, 2) == 12
+    assert sampling.resolve_streams(0, 16, 2) == 32
+    assert sampling.resolve_streams(12, 3, 2) == 12
+    with pytest.raises(ValueError, match="12 is not a multiple of 4 rank"):
+        sampling.resolve_streams(12, 4, 2)
+
+
+# --- steps across world sizes, pure arithmetic -------------------------------------------------
+
+
+def loader_order(rank, world, num_workers, streams, per_stream, start_batch=0):
+    """(stream, local batch) in the order rank `rank`'s DataLoader yields them: its workers'
+    turns interleaved, the workers taken round robin (as torch does, in_order=True)."""
+    workers = []
+    for turns in sampling.loader_turns(rank, world, num_workers, streams, start_batch):
+        tagged = [
+            iter([(stream, b) for b in range(first, per_stream)])
+            for stream, first in zip(turns.streams, turns.first_batches, strict=True)
+        ]
+        workers.append(sampling.interleave(tagged, turns.first_turn))
+    order = []
+    for turn in itertools.count():
+        item = next(workers[turn % len(workers)], None)
+        if item is None:
+            return order
+        order.append(item)
+
+
+def steps_of(world, accum, num_workers, streams, per_stream_by_epoch):
+    """Per optimiser step, the set of (epoch, global batch) its ranks train on, epochs one
+    after another (a step may span an epoch boundary)."""
+    per_rank = {}
+    for rank in range(world):
+        batches = []
+        for epoch, per_stream in enumerate(per_stream_by_epoch):
+            for stream, local in loader_order(rank, world, num_workers, streams, per_stream):
+                batches.append((epoch, sampling.global_batch(stream, local, streams)))
+        per_rank[rank] = batches
+    steps = []
+    for step in range(min(len(b) for b in per_rank.values()) // accum):
+        steps.append({g for b in per_rank.values() for g in b[step * accum : (step + 1) * accum]})
+    return steps
+
+
+CASES = [  # streams, (world, num_workers) pairs, global batch (world x grad_accum)
+    (8, [(1, 1), (2, 1), (4, 2), (8, 1), (2, 4)], 8),
+    (12, [(1, 2), (2, 3), (3, 2), (6, 1), (4, 3)], 12),
+    (24, [(1, 0), (2, 2), (3, 4), (4, 1), (6, 2)], 12),
+    (16, [(1, 1), (2, 2), (4, 4)], 4),
+    (8, [(1, 1), (2, 1), (2, 4)], 6),  # steps that span an epoch boundary
+]
+
+
+@pytest.mark.parametrize(("streams", "layouts", "global_batch"), CASES)
+def test_every_step_trains_on_the_same_global_batches_whatever_the_world_size(
+    streams, layouts, global_batch
+):
+    epochs = [5, 3, 4]  # batches per stream (packed epochs differ in length)
+    reference = None
+    for world, num_workers in layouts:
+        # the DataLoader order is exactly g = j*R + r, g from stream g % V as its batch g // V
+        for rank in range(world):
+            order = loader_order(rank, world, num_workers, streams, epochs[0])
+            expected = [(g % streams, g // streams) for g in range(rank, streams * 5, world)]
+            assert order == expected, (world, num_workers, rank)
+        steps = steps_of(world, global_batch // world, num_workers, streams, epochs)
+        if reference is None:
+            reference = steps
+        assert steps == reference, (world, num_workers)
+    # the epochs' global batches one after another, each trained on once, global_batch per
+    # step (the last few of the run, short of a step, are left)
+    assert len(reference) == sum(streams * e for e in epochs) // global_batch
+    assert all(len(step) == global_batch for step in reference)
+    starts = [sum(streams * e for e in epochs[:epoch]) for epoch in range(len(epochs))]
+    for index, step in enumerate(reference):  # step s: the run's global batches [s G, (s+1) G)
+        run_wide = {starts[e] + g for e, g in step}
+        assert run_wide == set(range(index * global_batch, (index + 1) * global_batch))
+
+
+@pytest.mark.parametrize(("streams", "layouts", "global_batch"), CASES)
+def test_a_resume_on_another_world_size_continues_with_the_same_batches(
+    streams, layouts, global_batch
+):
+    """Stopped after any step on one layout, every layout's ranks continue from the global
+    batch the checkpoint names (its position in global batches / the new world size)."""
+    per_stream = 6
+    for world, num_workers in layouts:
+        for step in range(streams * per_stream // global_batch + 1):
+            consumed = step * global_batch
+            for rank in range(world):
+                tail = loader_order(
+                    rank, world, num_workers, streams, per_stream, consumed // world
+                )
+                expected = range(consumed + rank, streams * per_stream, world)
+                assert tail == [(g % streams, g // streams) for g in expected], (world, step)
 
 
 def test_shard_order_depends_on_epoch_and_seed_only():
@@ -177,7 +286,7 @@ def test_batches_for_counts_full_buffers_and_a_partial_last_batch():
 
 
 def test_dataloader_takes_worker_batches_round_robin():
-    """The resume arithmetic relies on it: global batch g comes from worker g % K."""
+    """The stream arithmetic relies on it: rank-local batch j comes from worker j % K."""
 
     class Tagged(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -203,7 +312,9 @@ def test_every_rank_yields_batches_per_epoch_and_keys_once(uneven_split):
     manifest_keys = set(all_keys(uneven_split))
     assert set(keys) <= manifest_keys
     dropped = len(manifest_keys) - len(keys)
-    assert dropped == data.dropped_per_epoch() <= sampling.dropped_bound(world, 2)
+    assert data.streams == 8  # auto for 2 ranks x 2 workers
+    assert dropped == data.dropped_per_epoch() == 124 % 8 <= sampling.dropped_bound(8)
+    assert "124 samples in 8 data streams of 15; 4 sample(s) left out" in data.describe()
 
 
 def test_three_uneven_shards_two_ranks_two_workers(tmp_path):
@@ -216,7 +327,44 @@ def test_three_uneven_shards_two_ranks_two_workers(tmp_path):
         assert len(batches) == data.batches_per_epoch()
         keys += [key for batch in batches for key in batch["keys"]]
     assert len(keys) == len(set(keys))
-    assert 39 - len(keys) <= sampling.dropped_bound(2, 2)
+    assert 39 - len(keys) == 39 % data.streams <= sampling.dropped_bound(data.streams)
+
+
+def step_keys(split_dir, cfg, world, accum, epoch, start_step=0):
+    """Per optimiser step (from `start_step` of the epoch on), the set of sample keys its
+    ranks train on: each rank's loader batches grouped `accum` at a time."""
+    per_rank = []
+    for rank in range(world):
+        data = TrainData(split_dir, cfg, rank, world, accum)
+        start = start_step * accum
+        per_rank.append(batch_keys(data.batches(epoch, start_batch=start)))
+    steps = len(per_rank[0]) // accum
+    return [
+        {k for batches in per_rank for batch in batches[s * accum : (s + 1) * accum] for k in batch}
+        for s in range(steps)
+    ], data
+
+
+def test_real_batches_make_the_same_steps_on_one_two_and_four_ranks(uneven_split):
+    """Loaded from shards: R x grad_accum = 4 loader batches per step over 8 streams, on 1, 2
+    and 4 ranks (and other worker counts): every step holds the same samples; a resume in
+    the middle of the epoch on another world size continues with the same steps."""
+    cfg = config(batch_size=2, bucket_buffer=4, streams=8)
+    reference, data = step_keys(uneven_split, dataclasses.replace(cfg, num_workers=1), 1, 4, 2)
+    assert len(reference) == data.batches_per_epoch() // 4 >= 6
+    for world, workers in ((2, 2), (4, 1), (4, 2)):
+        steps, data = step_keys(
+            uneven_split, dataclasses.replace(cfg, num_workers=workers), world, 4 // world, 2
+        )
+        assert steps == reference, (world, workers)
+        assert data.order_signature()["global_batch"] == 4
+        assert not {"world_size", "loader_workers"} & set(data.order_signature())
+    tail, _ = step_keys(
+        uneven_split, dataclasses.replace(cfg, num_workers=0), 2, 2, 2, start_step=3
+    )
+    assert tail == reference[3:]
+    flat = [k for step in reference for k in step]
+    assert len(flat) == len(set(flat)) == 124 - 124 % 8
 
 
 def test_batch_tensors_follow_the_contract(uneven_split):

@@ -42,6 +42,7 @@ from trainer.runtime.optim import (
     build_scheduler,
     lr_factor,
     optimizer_checkpoint_state,
+    parameter_names,
     restore_optimizer,
 )
 
@@ -301,7 +302,7 @@ def _resume_rank(rank: int, init_file: str, run_dir: str, out_dir: str) -> None:
         zero_gradients(optimizer, under_ddp=True)
         scheduler.step()  # the lr of step 2 is in ZeRO's wrapper, not yet in its inner optimiser
         folder = ckpt.save_checkpoint(
-            info, run_dir, 1, model, processor, optimizer_checkpoint_state(optimizer), True,
+            info, run_dir, 1, model, processor, optimizer_checkpoint_state(optimizer, model), True,
             {"step": 1}, [], {},
         )  # fmt: skip
 
@@ -395,3 +396,27 @@ def test_zero1_resume_holds_exactly_the_plans_share_and_gradients_start_in_bucke
         assert held["same_lr"] and held["same_after_step"]
         assert held["switched_bytes"] == predicted["optimizer_per_rank"][rank], rank
         assert held["switched_wrapper_state"] == 0
+    _assert_shards_merge_by_name_on_one_rank(folder, model)
+
+
+def _assert_shards_merge_by_name_on_one_rank(folder, model) -> None:
+    """On another world size (here one process, no ZeRO) the two shares, merged by parameter
+    name, give every trainable parameter exactly the state its owner saved."""
+    saved = {}
+    for path in sorted(folder.glob("optimizer-rank*")):
+        share = torch.load(path, weights_only=True)
+        for names, group in zip(share["param_names"], share["param_groups"], strict=True):
+            saved.update(
+                {n: share["state"][i] for n, i in zip(names, group["params"], strict=True)}
+            )
+    params = dict(model.named_parameters())
+    assert sorted(saved) == sorted(n for n, p in params.items() if p.requires_grad)
+    single = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    wanted = parameter_names(single, model)
+    state, is_shard = ckpt.load_optimizer_state(folder, 0, 1, sharded=False, wanted=wanted)
+    restore_optimizer(single, state, is_shard)
+    for name, expected in saved.items():
+        loaded = single.state[params[name]]
+        assert loaded.keys() == expected.keys(), name
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), name
+    assert single.param_groups[0]["lr"] == share["param_groups"][0]["lr"] != 1.0

@@ -29,7 +29,7 @@ from trainer.data.packing import PackedTrainData, WindowTargets, window_features
 from trainer.evaluate import HFDecoder, evaluate_split
 from trainer.model import decoder_inputs_and_labels, load_model, token_loss, window_frames
 from trainer.runtime import checkpoint as ckpt
-from trainer.runtime import distributed, fit, gpu, preemption
+from trainer.runtime import distributed, elastic, fit, gpu, preemption
 from trainer.runtime.distributed import Dist
 from trainer.runtime.memory_phases import PhasePeaks
 from trainer.runtime.optim import (
@@ -41,6 +41,7 @@ from trainer.runtime.optim import (
     is_sharded,
     make_scaler,
     optimizer_checkpoint_state,
+    parameter_names,
     resolve_precision,
     restore_optimizer,
     warmup_warning,
@@ -135,9 +136,17 @@ def setup(config: TrainConfig) -> Run:
     check_split(train_dir, n_mels, fingerprint, frames)
     check_split(eval_dir, n_mels, fingerprint, frames)
 
+    latest = ckpt.latest_checkpoint(run_dir) if config.checkpoint.resume else None
+    if info.is_main:
+        ckpt.remove_temporaries(run_dir)
+    rng_states = training = None
+    if latest is not None:  # read first: on another number of GPUs it sets grad_accum
+        training, rng_states = ckpt.load_training_files(latest)
+        config = elastic.resume_config(config, training, info.world_size, logger, latest)
+
     precision = resolve_precision(config.optim.precision, info.device)
     train_data = make_train_data(config, train_dir, info, tokenizer, frames, model.config)
-    if config.data.pack and info.is_main:
+    if info.is_main:
         logger.info("%s", train_data.describe(0))
     per_epoch = train_data.batches_per_epoch() // config.optim.grad_accum
     if per_epoch < 1 and config.optim.max_steps == 0:
@@ -147,15 +156,11 @@ def setup(config: TrainConfig) -> Run:
         logger.warning("%s", warning)
 
     state = TrainState()
-    latest = ckpt.latest_checkpoint(run_dir) if config.checkpoint.resume else None
-    if info.is_main:
-        ckpt.remove_temporaries(run_dir)
-    rng_states = training = None
     if latest is not None:
-        training, rng_states = ckpt.load_training_files(latest)
         _check_same_data_order(training["data_signature"], train_data.order_signature(), latest)
         ckpt.load_model_weights(model, latest)
         state = TrainState(**{k: training[k] for k in asdict(TrainState())})
+        state.batch_in_epoch = elastic.local_batch_in_epoch(training, info.world_size)
         logger.info(
             "resuming from %s: step %d, epoch %d, batch %d of the epoch",
             latest,
@@ -176,7 +181,10 @@ def setup(config: TrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
     scaler = make_scaler(precision, info.device)
     if latest is not None:
-        restore_optimizer(optimizer, *ckpt.load_optimizer_state(latest, info.rank, info.world_size))
+        names = parameter_names(optimizer, model)
+        sharded = is_sharded(optimizer)
+        saved = ckpt.load_optimizer_state(latest, info.rank, info.world_size, sharded, names)
+        restore_optimizer(optimizer, *saved)
         scheduler.load_state_dict(training["scheduler"])
         if scaler is not None and training.get("scaler"):
             scaler.load_state_dict(training["scaler"])
@@ -261,15 +269,14 @@ def make_train_data(config, split: Path, info, tokenizer, frames: int, model_con
     # some GPU exists.
     data = replace(data, pin_memory=data.pin_memory and info.device.type == "cuda")
     if not config.data.pack:
-        return TrainData(split, data, info.rank, info.world_size)
+        return TrainData(split, data, info.rank, info.world_size, config.optim.grad_accum)
     targets = WindowTargets(
         tokenizer, config.model.language, config.model.task, model_config.max_target_positions
     )
     progress = info.is_main and config.log.progress
     cache = Path(config.output_dir) / "pack-index"
-    return PackedTrainData(
-        split, data, info.rank, info.world_size, targets, frames, progress, cache
-    )
+    rank, world, accum = info.rank, info.world_size, config.optim.grad_accum
+    return PackedTrainData(split, data, rank, world, targets, frames, progress, cache, accum)
 
 
 def model_inputs(batch: dict, device: torch.device, window: int, pad_id: int):
@@ -291,8 +298,9 @@ def _check_same_data_order(saved: dict, current: dict, folder: Path) -> None:
         raise ValueError(
             f"{folder} was written with a different data order ({', '.join(differing)} "
             "changed), so its data position means other samples here. Resume with the same "
-            "shards, number of ranks, loader workers, batch size, bucket buffer and seed, or "
-            "start a new run folder."
+            "shards, data streams, global batch (ranks x grad_accum), batch size, bucket buffer "
+            "and seed (the number of GPUs may change, see trainer/runtime/elastic.py), or start a "
+            "new run folder."
         )
 
 
@@ -653,12 +661,16 @@ def save_checkpoint(run: Run) -> None:
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "data_signature": run.train_data.order_signature(),
             "world_size": info.world_size,
+            # the position in any world size's terms (trainer/runtime/elastic.py)
+            "global_batch_in_epoch": state.batch_in_epoch * info.world_size,
             "precision": run.precision,
             # a resume starts from it (trainer/runtime/fit.py)
             "micro_batch_size": run.fit.micro_batch,
         }
         run_config = run.config.to_dict()
-    optimizer_state = optimizer_checkpoint_state(run.optimizer) if sharded or info.is_main else None
+    optimizer_state = (
+        optimizer_checkpoint_state(run.optimizer, run.model) if sharded or info.is_main else None
+    )
     folder = ckpt.save_checkpoint(
         info,
         run.run_dir,

@@ -1,16 +1,18 @@
 """Batches for training and evaluation, streamed from the builder's tar shards.
 
-The order of an epoch is planned from the manifest alone (`trainer.data.sampling`): each rank reads
-a contiguous block of the epoch's shuffled shard stream, each DataLoader worker an equal
-sub-block of it, so every rank has exactly the same number of batches and no rank ever waits
-at a collective for one that ran out (the classic webdataset + DDP end-of-epoch hang). The
-price is at most `(world_size - 1) + world_size * (num_workers - 1)` samples left out per
-epoch (num_workers 0 counts as 1), different ones each epoch because the shard order changes.
+The order of an epoch is planned from the manifest alone (`trainer.data.sampling`): the epoch's
+shuffled shard stream is cut into `data.streams` equal contiguous blocks (virtual streams),
+each bucket-batched on its own, and the ranks and DataLoader workers take the streams' batches
+in turn, so every rank has exactly the same number of batches and no rank ever waits at a
+collective for one that ran out (the classic webdataset + DDP end-of-epoch hang). The price is
+at most `streams - 1` samples left out per epoch, different ones each epoch because the shard
+order changes. Which batches make up an optimiser step depends on the streams and on the
+global batch (ranks x grad_accum), not on the number of ranks or workers.
 
 Resume is exact and cheap: `batches(epoch, start_batch)` yields exactly the batches from index
-`start_batch` on. Each worker skips whole bucket buffers without reading their data and
+`start_batch` on. Each stream skips whole bucket buffers without reading their data and
 rebuilds only the buffer it stopped in, so a resume never re-reads the epoch from its start.
-The position is valid for the same shards, world size, num_workers, batch size, bucket buffer
+The position is valid for the same shards, streams, global batch, batch size, bucket buffer
 and seed: `TrainData.order_signature()` names them for the checkpoint.
 
 Shards are read through `shard_builder.reader`, the checker's reader too. Only torch, numpy, the
@@ -66,6 +68,13 @@ class DataConfig:
     )
     num_workers: int = _help(
         "DataLoader worker processes per rank (0 = load in the training process)", default=2
+    )
+    streams: int = _help(
+        "virtual data streams the epoch is cut into, each batched on its own (trainer/"
+        "sampling.py); a multiple of ranks x loader workers. 0 = auto: the smallest such "
+        "multiple >= 8, recorded in the checkpoint and kept on resume, so a run can resume on "
+        "any number of GPUs that divides it",
+        default=0,
     )
     bucket_buffer: int = _help(
         "samples gathered, sorted by token length and cut into batches; a multiple of "
@@ -132,6 +141,8 @@ class DataConfig:
             )
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError("num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.streams < 0:
+            raise ValueError(f"streams must be >= 0 (0 = auto), not {self.streams}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError("eval_limit must be at least 1 (or unset)")
         self.validate_packing()
@@ -326,10 +337,10 @@ def pad_features_to_full(
     return full
 
 
-def worker_batches(
-    split_dir: Path, shard_names: Sequence[str], plan: sampling.WorkerPlan, config: DataConfig
+def stream_batches(
+    split_dir: Path, shard_names: Sequence[str], plan: sampling.StreamPlan, config: DataConfig
 ) -> Iterator[dict[str, Any]]:
-    """One worker's collated batches; whole buffers before `plan.first_batch` are never read."""
+    """One stream's collated batches; whole buffers before `plan.first_batch` are never read."""
     per_buffer = config.bucket_buffer // config.batch_size
     first_buffer, skip_in_buffer = divmod(plan.first_batch, per_buffer)
     spans = sampling.skip_samples(plan.spans, first_buffer * config.bucket_buffer)
@@ -358,7 +369,12 @@ class PlannedBatches(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         assert num_workers == len(self.plans), (num_workers, len(self.plans))
-        yield from worker_batches(self.split_dir, self.shard_names, self.plans[worker], self.config)
+        plan = self.plans[worker]
+        streams = [
+            stream_batches(self.split_dir, self.shard_names, stream, self.config)
+            for stream in plan.streams
+        ]
+        yield from sampling.interleave(streams, plan.first_turn)
 
     def __len__(self) -> int:
         return self.length
@@ -384,51 +400,72 @@ def shard_sizes_and_names(manifest: dict[str, Any]) -> tuple[list[int], list[str
     )
 
 
-class TrainData:
-    """The training split for one rank: equal batch counts on every rank, exact resume."""
+def order_signature_base(
+    manifest: dict[str, Any], config: DataConfig, streams: int, global_batch: int
+) -> dict[str, Any]:
+    """What the order of batches and steps depends on, packed or not: never ranks or workers."""
+    return {
+        "shards": [[shard["name"], shard["sha256"]] for shard in manifest["shards"]],
+        "streams": streams,
+        "global_batch": global_batch,  # loader batches per optimiser step, all ranks together
+        "batch_size": config.batch_size,
+        "bucket_buffer": config.bucket_buffer,
+        "seed": config.seed,
+        # Checkpoints from before samples were shuffled inside shards lack this: refused.
+        "sample_order": "shuffled-within-shard",
+    }
 
-    def __init__(self, split_dir, config: DataConfig, rank: int, world_size: int) -> None:
+
+class TrainData:
+    """The training split for one rank: equal batch counts on every rank, exact resume.
+
+    `grad_accum`: loader batches per optimiser step on each rank; with the world size it makes
+    the global batch, which the order signature records (trainer/runtime/elastic.py keeps it on
+    resume).
+    """
+
+    def __init__(
+        self, split_dir, config: DataConfig, rank: int, world_size: int, grad_accum: int = 1
+    ) -> None:
         config.validate()
         self.split_dir, self.config = Path(split_dir), config
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.streams = sampling.resolve_streams(config.streams, world_size, config.num_workers)
         self.manifest = contract.load_manifest(self.split_dir)
         self.shard_sizes, self.shard_names = shard_sizes_and_names(self.manifest)
-        self.samples_per_worker = sampling.samples_per_worker(
-            sum(self.shard_sizes), world_size, config.num_workers
-        )
-        if self.samples_per_worker < 1:
+        self.samples_per_stream = sampling.units_per_stream(sum(self.shard_sizes), self.streams)
+        if self.samples_per_stream < 1:
             raise ValueError(
                 f"{self.split_dir} holds {sum(self.shard_sizes)} samples, too few for "
-                f"{world_size} rank(s) x {sampling.effective_workers(config.num_workers)} "
-                "loader worker(s)"
+                f"{self.streams} data streams (data.streams)"
             )
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         del epoch  # every epoch has as many (the interface of packing.PackedTrainData)
-        per_worker = sampling.batches_for(
-            self.samples_per_worker, self.config.bucket_buffer, self.config.batch_size
+        per_stream = sampling.batches_for(
+            self.samples_per_stream, self.config.bucket_buffer, self.config.batch_size
         )
-        return per_worker * sampling.effective_workers(self.config.num_workers)
+        return per_stream * self.streams // self.world_size
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
         """Samples this rank trains on each epoch (the same on every rank)."""
-        return self.samples_per_worker * sampling.effective_workers(self.config.num_workers)
+        return self.samples_per_stream * self.streams // self.world_size
 
     def dropped_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self.shard_sizes) - self.samples_per_epoch() * self.world_size
+        return sum(self.shard_sizes) - self.samples_per_stream * self.streams
+
+    def describe(self, epoch: int = 0) -> str:
+        """One line for the log: how the epoch is cut into streams, and what it leaves out."""
+        return (
+            f"unpacked: {sum(self.shard_sizes)} samples in {self.streams} data streams of "
+            f"{self.samples_per_stream}; {self.dropped_per_epoch()} sample(s) left out per "
+            "epoch so that every data stream gets as many"
+        )
 
     def order_signature(self) -> dict[str, Any]:
         """What a (epoch, batch) position depends on: store it, refuse a resume that differs."""
-        return {
-            "shards": [[shard["name"], shard["sha256"]] for shard in self.manifest["shards"]],
-            "world_size": self.world_size,
-            "loader_workers": sampling.effective_workers(self.config.num_workers),
-            "batch_size": self.config.batch_size,
-            "bucket_buffer": self.config.bucket_buffer,
-            "seed": self.config.seed,
-            # Checkpoints from before samples were shuffled inside shards lack this: refused.
-            "sample_order": "shuffled-within-shard",
-        }
+        global_batch = self.world_size * self.grad_accum
+        return order_signature_base(self.manifest, self.config, self.streams, global_batch)
 
     def batches(self, epoch: int, start_batch: int = 0) -> DataLoader:
         """This rank's batches of `epoch` from index `start_batch` on, loaded by workers."""
@@ -442,6 +479,7 @@ class TrainData:
             rank=self.rank,
             world_size=self.world_size,
             num_workers=self.config.num_workers,
+            streams=self.streams,
             start_batch=start_batch,
         )
         dataset = PlannedBatches(

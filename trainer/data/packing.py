@@ -17,9 +17,11 @@ of 320 samples, Whisper's 0.02 s timestamp grid). The collate leaves gaps at -in
 Which utterances share a window is a pure function of the manifest, the seed and the epoch:
 the epoch's shuffled stream (`trainer.data.sampling`) is packed first-fit into a few open windows
 (`OPEN_WINDOWS`), each utterance preceded by a silence drawn from a generator keyed by
-(seed, epoch). The windows are then the unit that ranks and loader workers split in equal
-blocks, exactly as samples are in unpacked mode, so the same guarantees hold: equal batches on
-every rank, at most `(R - 1) + R * (K - 1)` windows left out per epoch, exact resume. Lengths
+(seed, epoch). The plan does not depend on ranks or workers. The windows are then the unit cut
+into `data.streams` equal blocks, batched per stream and taken in turn by ranks and loader
+workers, exactly as samples are in unpacked mode, so the same guarantees hold: equal batches on
+every rank, at most `streams - 1` windows left out per epoch, exact resume, also on another
+number of GPUs with the same global batch. Lengths
 come from the shards' tar and .npy headers (`build_length_index`), never from their data.
 
 Targets, every id from the tokenizer:
@@ -58,6 +60,7 @@ from trainer.data.loader import (
     IGNORE_INDEX,
     decode_sample,
     make_loader,
+    order_signature_base,
     shard_sizes_and_names,
 )
 
@@ -461,13 +464,17 @@ def window_features_to_full(features: torch.Tensor, max_frames: int) -> torch.Te
 
 
 @dataclass(frozen=True)
-class WindowWorkerPlan:
-    """One loader worker's windows of an epoch: global indices [start, stop) of the plan."""
+class WindowStreamPlan:
+    """One stream's windows of an epoch: global indices [start, stop) of the plan."""
 
     start: int
     stop: int
-    rng_key: tuple[int, ...]
+    rng_key: tuple[int, ...]  # (seed, epoch, stream)
     first_batch: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
@@ -485,11 +492,11 @@ class PackingSettings:
 def window_batches(
     reader: ShardReader,
     windows: Sequence[tuple[Placed, ...]],
-    plan: WindowWorkerPlan,
+    plan: WindowStreamPlan,
     epoch: int,
     settings: PackingSettings,
 ) -> Iterator[dict[str, Any]]:
-    """A worker's collated batches of windows; buffers before `plan.first_batch` are skipped
+    """A stream's collated batches of windows; buffers before `plan.first_batch` are skipped
     without reading, only the window before the first built one is read again for its text."""
     per_buffer = settings.bucket_buffer // settings.batch_size
     first_buffer, skip_in_buffer = divmod(plan.first_batch, per_buffer)
@@ -550,11 +557,14 @@ class PlannedWindows(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         assert num_workers == len(self.plans), (num_workers, len(self.plans))
-        reader = ShardReader(self.split_dir, self.shard_names)
+        reader = ShardReader(self.split_dir, self.shard_names)  # shared by the worker's streams
+        plan = self.plans[worker]
         try:
-            yield from window_batches(
-                reader, self.windows, self.plans[worker], self.epoch, self.settings
-            )
+            streams = [
+                window_batches(reader, self.windows, stream, self.epoch, self.settings)
+                for stream in plan.streams
+            ]
+            yield from sampling.interleave(streams, plan.first_turn)
         finally:
             reader.close()
 
@@ -566,7 +576,8 @@ class PackedTrainData:
     """The training split for one rank in packed windows; the interface of `TrainData`.
 
     Window counts change from epoch to epoch (the stream is reshuffled, so the packing is
-    too): `batches_per_epoch(epoch)` answers per epoch, the same on every rank.
+    too): `batches_per_epoch(epoch)` answers per epoch, the same on every rank. `grad_accum`:
+    as for `TrainData`, part of the global batch the order signature records.
     """
 
     def __init__(
@@ -579,10 +590,12 @@ class PackedTrainData:
         window_frames: int,
         progress: bool = False,
         cache_dir: Path | None = None,
+        grad_accum: int = 1,
     ) -> None:
         config.validate()
         self.split_dir, self.config = Path(split_dir), config
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.streams = sampling.resolve_streams(config.streams, world_size, config.num_workers)
         self.manifest = contract.load_manifest(self.split_dir)
         self.shard_sizes, self.shard_names = shard_sizes_and_names(self.manifest)
         self.limits = PackingLimits(window_frames, targets.max_tokens, config.gap_range())
@@ -596,15 +609,11 @@ class PackedTrainData:
             config.bucket_buffer,
         )
         self._planned: OrderedDict[int, list] = OrderedDict()
-        if self.windows_per_worker(0) < 1:
+        if self.windows_per_stream(0) < 1:
             raise ValueError(
                 f"{self.split_dir} packs into {len(self.windows(0))} windows, too few for "
-                f"{world_size} rank(s) x {self.workers} loader worker(s)"
+                f"{self.streams} data streams (data.streams)"
             )
-
-    @property
-    def workers(self) -> int:
-        return sampling.effective_workers(self.config.num_workers)
 
     def windows(self, epoch: int) -> list[tuple[Placed, ...]]:
         if epoch not in self._planned:
@@ -619,31 +628,28 @@ class PackedTrainData:
                 self._planned.popitem(last=False)
         return self._planned[epoch]
 
-    def windows_per_worker(self, epoch: int) -> int:
-        return sampling.samples_per_worker(len(self.windows(epoch)), self.world_size, self.workers)
+    def windows_per_stream(self, epoch: int) -> int:
+        return sampling.units_per_stream(len(self.windows(epoch)), self.streams)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        per_worker = sampling.batches_for(
-            self.windows_per_worker(epoch), self.config.bucket_buffer, self.config.batch_size
+        per_stream = sampling.batches_for(
+            self.windows_per_stream(epoch), self.config.bucket_buffer, self.config.batch_size
         )
-        return per_worker * self.workers
+        return per_stream * self.streams // self.world_size
 
-    def _worker_blocks(self, epoch: int) -> list[tuple[int, int]]:
-        total = len(self.windows(epoch))
-        return [
-            sampling.worker_block(total, self.world_size, self.config.num_workers, self.rank, w)
-            for w in range(self.workers)
-        ]
+    def _stream_block(self, epoch: int, stream: int) -> tuple[int, int]:
+        return sampling.stream_block(len(self.windows(epoch)), self.streams, stream)
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
         """Utterances in this rank's windows (ranks differ a little: windows hold more or fewer)."""
         windows = self.windows(epoch)
-        return sum(len(windows[i]) for a, b in self._worker_blocks(epoch) for i in range(a, b))
+        own = range(self.rank, self.streams, self.world_size)  # stream s goes to rank s % R
+        blocks = [self._stream_block(epoch, stream) for stream in own]
+        return sum(len(windows[i]) for a, b in blocks for i in range(a, b))
 
     def dropped_per_epoch(self, epoch: int = 0) -> int:
-        """Windows an epoch leaves out so that every worker of every rank has as many."""
-        used = self.windows_per_worker(epoch) * self.workers * self.world_size
-        return len(self.windows(epoch)) - used
+        """Windows an epoch leaves out so that every stream has as many."""
+        return len(self.windows(epoch)) - self.windows_per_stream(epoch) * self.streams
 
     def describe(self, epoch: int = 0) -> str:
         """One line for the log: how full the epoch's windows are."""
@@ -654,27 +660,23 @@ class PackedTrainData:
         return (
             f"packed: {utterances} utterances in {len(windows)} windows in epoch {epoch} "
             f"({utterances / len(windows):.2f} per window, {100 * share:.1f} % of the window "
-            f"frames hold speech); {self.dropped_per_epoch(epoch)} window(s) left out so "
-            "that every rank and worker gets as many"
+            f"frames hold speech) and {self.streams} data streams; "
+            f"{self.dropped_per_epoch(epoch)} window(s) left out so that every data stream "
+            "gets as many"
         )
 
     def order_signature(self) -> dict[str, Any]:
-        signature = {
-            "shards": [[shard["name"], shard["sha256"]] for shard in self.manifest["shards"]],
-            "world_size": self.world_size,
-            "loader_workers": self.workers,
-            "batch_size": self.config.batch_size,
-            "bucket_buffer": self.config.bucket_buffer,
-            "seed": self.config.seed,
-            "sample_order": "shuffled-within-shard",
-            "packing": {
+        global_batch = self.world_size * self.grad_accum
+        signature = order_signature_base(self.manifest, self.config, self.streams, global_batch)
+        signature.update(
+            packing={
                 "open_windows": OPEN_WINDOWS,
                 "window_frames": self.limits.window_frames,
                 "gap_seconds": list(self.limits.gap_seconds),
                 "timestamp_probability": self.config.timestamp_probability,
                 "prompt_probability": self.config.prompt_probability,
-            },
-        }
+            }
+        )
         if self.config.lone_probability:  # absent at 0, so checkpoints from before still match
             signature["packing"]["lone_probability"] = self.config.lone_probability
         return signature
@@ -683,14 +685,18 @@ class PackedTrainData:
         total = self.batches_per_epoch(epoch)
         if not 0 <= start_batch <= total:
             raise ValueError(f"start_batch {start_batch} outside [0, {total}] for this epoch")
-        blocks = self._worker_blocks(epoch)
         plans = []
-        for loader_worker in range(self.workers):
-            worker = (loader_worker + start_batch) % self.workers  # as sampling rotates them
-            start, stop = blocks[worker]
-            first = sampling.first_local_batch(start_batch, worker, self.config.num_workers)
-            key = (self.config.seed, epoch, self.rank, worker)
-            plans.append(WindowWorkerPlan(start, stop, key, first))
+        turns = sampling.loader_turns(
+            self.rank, self.world_size, self.config.num_workers, self.streams, start_batch
+        )
+        for worker in turns:
+            streams = tuple(
+                WindowStreamPlan(
+                    *self._stream_block(epoch, stream), (self.config.seed, epoch, stream), first
+                )
+                for stream, first in zip(worker.streams, worker.first_batches, strict=True)
+            )
+            plans.append(sampling.WorkerPlan(streams, worker.first_turn))
         dataset = PlannedWindows(
             self.split_dir,
             self.shard_names,

@@ -1,34 +1,47 @@
 """Which samples each rank and loader worker reads, in which batches: pure arithmetic, no I/O.
 
 An epoch's order is decided from the manifest's per-shard sample counts alone, so 128 ranks can
-be planned in one process (tests do) and a resumed run recomputes exactly the same plan.
+be planned in one process (tests do) and a resumed run recomputes exactly the same plan. The
+plan does not depend on the number of ranks or loader workers, only on the number of virtual
+data streams V (`data.streams`), so a run can resume on another number of GPUs.
 
 1. The shard list is shuffled by a generator seeded by (seed, epoch), and so is the order of
    the samples inside each shard (seeded by (seed, epoch, shard)); the epoch stream is the
    concatenation of those shards' samples in that order. Without the second shuffle a bucket
    buffer would hold the same samples every epoch, and so would every batch cut from it.
-2. Rank r of R takes the contiguous block [r*M, (r+1)*M) with M = N // R. Within a rank,
-   K loader workers (num_workers, 0 counting as 1) take contiguous sub-blocks of W = M // K.
-3. Each worker fills buffers of `bucket_buffer` samples, sorts them by token length, cuts them
-   into batches and emits them in an order shuffled per (seed, epoch, rank, worker, buffer).
+   (Packed mode packs this stream into windows first; the windows are then the units below.)
+2. The epoch's N units are cut into V equal contiguous blocks of M = N // V, one per stream.
+3. Each stream fills buffers of `bucket_buffer` units from its block, sorts them by token
+   length, cuts them into batches and emits them in an order shuffled per (seed, epoch, stream,
+   buffer): no rank or worker in any key. Every stream holds M units, hence the same number B
+   of batches.
+4. Global batch g of the epoch is local batch g // V of stream g % V; there are V * B.
+5. Rank r of R takes global batches r, r + R, r + 2R, ...: its local batch j is g = j*R + r.
+   With V = m*K*R (K loader workers, num_workers 0 counting as 1), loader worker w of rank r
+   owns the m streams i*K*R + w*R + r (i < m) and emits them in turn: its q-th batch is the
+   next batch of stream (q mod m)*K*R + w*R + r. The torch DataLoader takes one batch from each
+   worker in turn, so rank-local batch j = q*K + w, and j*R + r is exactly that stream's batch
+   q // m. Resuming at rank-local batch j rotates the workers so that the DataLoader's worker 0
+   is the one that owes batch j, and each worker's turns so that they start at the stream owed.
 
-Every worker of every rank holds exactly W samples, hence the same number of batches: no rank
-ever waits at a collective for a rank that ran out of data. The price is a few samples a epoch:
+An optimiser step of A loader batches per rank (grad_accum) therefore trains on the global
+batches [s*A*R, (s+1)*A*R) of the run's stream (epochs follow one another, each a multiple of
+R batches long): the same set of batches for any R with the same R*A, only spread over the
+ranks differently. A checkpoint stores the position in global batches; trainer/runtime/elastic.py
+checks that a resume keeps V and R*A and derives grad_accum for a new number of GPUs.
 
-    dropped <= (R - 1) + R * (K - 1)
+Every rank has exactly V*B/R batches: no rank ever waits at a collective for a rank that ran out
+of data. The price is a few units an epoch, different ones each epoch (the order changes):
 
-(N - R*M <= R - 1 between ranks, M - K*W <= K - 1 inside each rank), and since the shard order
-changes each epoch, different samples are dropped each epoch.
-
-The torch DataLoader takes one batch from each worker in turn, so global batch g comes from
-worker g % K as its local batch g // K. Resuming at batch s rotates the workers so that the
-DataLoader's worker 0 is the one that owes batch s.
+    dropped = N - V*M <= V - 1
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from itertools import count
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +49,7 @@ _SHARD_ORDER_STREAM = 1  # tags keep the generators of different purposes indepe
 _BATCH_ORDER_STREAM = 2
 _SAMPLE_ORDER_STREAM = 3
 _SEED_MASK = (1 << 63) - 1
+MIN_AUTO_STREAMS = 8  # data.streams = 0: the smallest multiple of ranks x workers at least this
 
 
 @dataclass(frozen=True)
@@ -58,11 +72,11 @@ class Span:
 
 
 @dataclass(frozen=True)
-class WorkerPlan:
-    """What one loader worker reads and emits in one epoch."""
+class StreamPlan:
+    """What one stream holds and emits in one epoch."""
 
     spans: tuple[Span, ...]  # its samples, in stream order
-    rng_key: tuple[int, ...] | None  # (seed, epoch, rank, worker); None keeps sorted order (eval)
+    rng_key: tuple[int, ...] | None  # (seed, epoch, stream); None keeps sorted order (eval)
     first_batch: int = 0  # local batches already consumed before a resume
 
     @property
@@ -70,13 +84,55 @@ class WorkerPlan:
         return sum(span.num_samples for span in self.spans)
 
 
+@dataclass(frozen=True)
+class WorkerTurns:
+    """The streams one DataLoader worker emits in turn: its q-th batch is the next batch of
+    `streams[q % m]`. Before a resume, `first_batches[i]` batches of stream i and `first_turn`
+    turns of the worker were consumed."""
+
+    streams: tuple[int, ...]
+    first_batches: tuple[int, ...]
+    first_turn: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one loader worker reads and emits in one epoch: its streams' plans, in turn."""
+
+    streams: tuple[Any, ...]  # StreamPlan here; packing.WindowStreamPlan for windows
+    first_turn: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        return sum(stream.num_samples for stream in self.streams)
+
+
 def order_rng(stream: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([stream, *(k & _SEED_MASK for k in key)])
 
 
 def effective_workers(num_workers: int) -> int:
-    """Loader workers that split a rank's block; 0 means loading in the main process, as 1."""
+    """Loader workers per rank; 0 means loading in the main process, as 1."""
     return max(1, num_workers)
+
+
+def resolve_streams(streams: int, world_size: int, num_workers: int) -> int:
+    """`data.streams`, or for 0 (auto) the smallest multiple of ranks x workers >= 8."""
+    per_round = world_size * effective_workers(num_workers)
+    if streams == 0:
+        return per_round * -(-MIN_AUTO_STREAMS // per_round)
+    check_streams(streams, world_size, num_workers)
+    return streams
+
+
+def check_streams(streams: int, world_size: int, num_workers: int) -> None:
+    workers = effective_workers(num_workers)
+    if streams < 1 or streams % (world_size * workers):
+        raise ValueError(
+            f"data.streams {streams} is not a multiple of {world_size} rank(s) x {workers} "
+            f"loader worker(s): every worker must own as many streams; set --streams to a "
+            f"multiple of {world_size * workers} (0 = auto) or change --num-workers"
+        )
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -122,37 +178,80 @@ def skip_samples(spans: Sequence[Span], count: int) -> tuple[Span, ...]:
     return tuple(kept)
 
 
-def samples_per_worker(num_samples: int, world_size: int, num_workers: int) -> int:
-    return num_samples // world_size // effective_workers(num_workers)
+def units_per_stream(num_units: int, streams: int) -> int:
+    return num_units // streams
 
 
-def worker_block(
-    num_samples: int, world_size: int, num_workers: int, rank: int, worker: int
-) -> tuple[int, int]:
-    """Stream positions of worker `worker` of rank `rank`: block-within-block, equal sizes."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    per_rank = num_samples // world_size
-    per_worker = per_rank // effective_workers(num_workers)
-    start = rank * per_rank + worker * per_worker
-    return start, start + per_worker
+def stream_block(num_units: int, streams: int, stream: int) -> tuple[int, int]:
+    """Epoch positions of stream `stream`: the stream-th of `streams` equal contiguous blocks."""
+    if not 0 <= stream < streams:
+        raise ValueError(f"stream {stream} is outside {streams} streams")
+    per_stream = units_per_stream(num_units, streams)
+    return stream * per_stream, (stream + 1) * per_stream
 
 
-def dropped_bound(world_size: int, num_workers: int) -> int:
-    """The most samples an epoch leaves out so that every worker of every rank is equal."""
-    return (world_size - 1) + world_size * (effective_workers(num_workers) - 1)
+def dropped_bound(streams: int) -> int:
+    """The most units an epoch leaves out so that every stream holds as many."""
+    return streams - 1
 
 
 def batches_for(num_samples: int, bucket_buffer: int, batch_size: int) -> int:
-    """Batches a worker emits from `num_samples`: full buffers, then the short last buffer."""
+    """Batches a stream emits from `num_samples`: full buffers, then the short last buffer."""
     full_buffers, rest = divmod(num_samples, bucket_buffer)
     return full_buffers * (bucket_buffer // batch_size) + -(-rest // batch_size)
 
 
-def first_local_batch(start_batch: int, worker: int, num_workers: int) -> int:
-    """Local batches worker `worker` produced for global batches before `start_batch`."""
-    k = effective_workers(num_workers)
-    return max(0, -(-(start_batch - worker) // k))
+def turns_before(position: int, index: int, period: int) -> int:
+    """How many of the positions 0 .. position-1 fall on `index` when `period` take turns."""
+    return max(0, -(-(position - index) // period))
+
+
+def stream_of(
+    rank: int, worker: int, turn: int, world_size: int, num_workers: int, streams: int
+) -> tuple[int, int]:
+    """(stream, its local batch) that loader worker `worker` of rank `rank` emits at `turn`."""
+    workers = effective_workers(num_workers)
+    per_worker = streams // (world_size * workers)
+    stream = (turn % per_worker) * workers * world_size + worker * world_size + rank
+    return stream, turn // per_worker
+
+
+def global_batch(stream: int, local_batch: int, streams: int) -> int:
+    """The epoch's global batch that is local batch `local_batch` of stream `stream`."""
+    return local_batch * streams + stream
+
+
+def loader_turns(
+    rank: int, world_size: int, num_workers: int, streams: int, start_batch: int = 0
+) -> list[WorkerTurns]:
+    """One entry per DataLoader worker, rotated so that worker 0 owes rank-local batch
+    `start_batch`, each worker's turns starting at the stream it owes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    check_streams(streams, world_size, num_workers)
+    workers = effective_workers(num_workers)
+    per_worker = streams // (world_size * workers)
+    plans = []
+    for loader_worker in range(workers):
+        worker = (loader_worker + start_batch) % workers
+        first_turn = turns_before(start_batch, worker, workers)
+        owned = tuple(
+            stream_of(rank, worker, i, world_size, num_workers, streams)[0]
+            for i in range(per_worker)
+        )
+        firsts = tuple(turns_before(first_turn, i, per_worker) for i in range(per_worker))
+        plans.append(WorkerTurns(owned, firsts, first_turn))
+    return plans
+
+
+def interleave(batches: Sequence[Iterator], first_turn: int) -> Iterator:
+    """The streams' batches in turn, from `first_turn` on; all streams are equally long, so
+    the first one that runs dry ends the worker."""
+    for turn in count(first_turn):
+        batch = next(batches[turn % len(batches)], None)
+        if batch is None:
+            return
+        yield batch
 
 
 def train_worker_plans(
@@ -163,22 +262,20 @@ def train_worker_plans(
     rank: int,
     world_size: int,
     num_workers: int,
+    streams: int,
     start_batch: int = 0,
 ) -> list[WorkerPlan]:
-    """One plan per DataLoader worker, rotated so that worker 0 owes global batch `start_batch`."""
+    """One plan per DataLoader worker of rank `rank`, resuming at its local batch `start_batch`."""
     order = epoch_shard_order(len(shard_sizes), seed, epoch)
-    k = effective_workers(num_workers)
+    total = sum(shard_sizes)
     plans = []
-    for loader_worker in range(k):
-        worker = (loader_worker + start_batch) % k
-        start, stop = worker_block(sum(shard_sizes), world_size, num_workers, rank, worker)
-        plans.append(
-            WorkerPlan(
-                spans=stream_spans(shard_sizes, order, start, stop, (seed, epoch)),
-                rng_key=(seed, epoch, rank, worker),
-                first_batch=first_local_batch(start_batch, worker, num_workers),
-            )
-        )
+    for turns in loader_turns(rank, world_size, num_workers, streams, start_batch):
+        stream_plans = []
+        for stream, first_batch in zip(turns.streams, turns.first_batches, strict=True):
+            start, stop = stream_block(total, streams, stream)
+            spans = stream_spans(shard_sizes, order, start, stop, (seed, epoch))
+            stream_plans.append(StreamPlan(spans, (seed, epoch, stream), first_batch))
+        plans.append(WorkerPlan(tuple(stream_plans), turns.first_turn))
     return plans
 
 
@@ -194,7 +291,7 @@ def eval_worker_plans(
     for worker in range(k):
         start, stop = even_split(rank_stop - rank_start, k, worker)
         spans = stream_spans(shard_sizes, order, rank_start + start, rank_start + stop)
-        plans.append(WorkerPlan(spans=spans, rng_key=None))
+        plans.append(WorkerPlan((StreamPlan(spans=spans, rng_key=None),)))
     return plans
 
 

@@ -6,7 +6,8 @@ Layout of RUN/checkpoints/step-N/ (everything loads with safetensors or weights_
                        (a plain Hugging Face folder: evaluate or export any checkpoint)
     optimizer-rank{R}-of-{W}.pt
                        under ZeRO-1: each rank's own share of the AdamW state, written by that
-                       rank (the state dict of ZeroRedundancyOptimizer's inner optimiser)
+                       rank (the state dict of ZeroRedundancyOptimizer's inner optimiser, with
+                       its parameters' names: another world size merges and re-splits them)
     optimizer.pt       without ZeRO-1: the whole AdamW state, written by rank 0 (every rank
                        holds the same one and loads this file)
     training.pt        step, data position, best metric, counters, scheduler, scaler
@@ -265,14 +266,118 @@ def load_training_files(folder: Path) -> tuple[dict, list[dict]]:
     return training, rng
 
 
-def load_optimizer_state(folder: Path, rank: int, world_size: int) -> tuple[dict, bool]:
-    """(this rank's optimiser state, whether it is a per-rank ZeRO shard), weights_only=True.
+SHARD_PATTERN = re.compile(r"^optimizer-rank(\d+)-of-(\d+)\.pt$")
+
+
+def load_optimizer_state(
+    folder: Path,
+    rank: int,
+    world_size: int,
+    sharded: bool = True,
+    wanted: list[list[str]] | None = None,
+) -> tuple[dict, bool]:
+    """(this rank's optimiser state, whether it is indexed like its local optimiser: a shard),
+    weights_only=True. `sharded`: this run uses ZeRO-1; `wanted`: the names of this rank's
+    optimiser parameters per group (optim.parameter_names).
+
+    This rank's own shard of the same world size is loaded as it is; a whole state
+    (optimizer.pt) too, ZeRO picking its share. Shards of another world size (or loaded without
+    ZeRO-1) are merged by parameter name into this rank's share, read one file at a time and
+    memory-mapped, so the host holds this rank's share and never the whole state at once.
 
     Read into host memory: the optimiser's own load_state_dict moves each tensor onto its
     parameter's device, so the device never holds the state twice.
     """
     shard = folder / optimizer_shard_file(rank, world_size)
-    path = shard if shard.is_file() else folder / OPTIMIZER
-    if not path.is_file():
+    if sharded and shard.is_file():
+        return _without_names(torch.load(shard, weights_only=True, map_location="cpu")), True
+    whole = folder / OPTIMIZER
+    if whole.is_file():
+        return _without_names(torch.load(whole, weights_only=True, map_location="cpu")), False
+    shards = _saved_shards(folder)
+    if not shards:
         raise ValueError(f"{folder} holds neither {shard.name} nor {OPTIMIZER}")
-    return torch.load(path, weights_only=True, map_location="cpu"), path == shard
+    if wanted is None:
+        raise ValueError(f"{folder} holds ZeRO-1 shards of another world size: pass `wanted`")
+    return merged_shard(shards, wanted), True
+
+
+def _without_names(state: dict) -> dict:
+    from trainer.runtime.optim import PARAM_NAMES
+
+    state.pop(PARAM_NAMES, None)
+    return state
+
+
+def _saved_shards(folder: Path) -> list[Path]:
+    """The ZeRO-1 shard files, rank order, once every rank of their world size is there."""
+    found = {}
+    for path in folder.glob("optimizer-rank*-of-*.pt"):
+        if match := SHARD_PATTERN.match(path.name):
+            found[(int(match.group(2)), int(match.group(1)))] = path
+    sizes = {size for size, _ in found}
+    if len(sizes) > 1:
+        raise ValueError(f"{folder} holds optimiser shards of several world sizes {sorted(sizes)}")
+    if not sizes:
+        return []
+    size = sizes.pop()
+    missing = [optimizer_shard_file(r, size) for r in range(size) if (size, r) not in found]
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}")
+    return [found[(size, r)] for r in range(size)]
+
+
+def merged_shard(shards: list[Path], wanted: list[list[str]]) -> dict:
+    """The state dict of an optimiser over the parameters `wanted` (names per group), merged
+    by name from the shards of another world size."""
+    from trainer.runtime.optim import PARAM_NAMES
+
+    names_wanted = {name for group in wanted for name in group}
+    by_name: dict[str, dict] = {}
+    hyperparameters: list[dict] | None = None
+    for path in shards:
+        saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        if PARAM_NAMES not in saved:
+            raise ValueError(
+                f"{path} was written without parameter names, so its share cannot be re-split: "
+                f"resume on {len(shards)} rank(s) with --zero1 true, or start a new run folder"
+            )
+        for names, group in zip(saved[PARAM_NAMES], saved["param_groups"], strict=True):
+            for name, index in zip(names, group["params"], strict=True):
+                if name in names_wanted and index in saved["state"]:
+                    by_name[name] = _copied(saved["state"][index])  # off the mapped file
+        if hyperparameters is None:
+            hyperparameters = [
+                {k: v for k, v in group.items() if k != "params"} for group in saved["param_groups"]
+            ]
+        del saved
+    missing = sorted(names_wanted - set(by_name))
+    if by_name and missing:  # none at all is a state saved before any step
+        raise ValueError(
+            f"the optimiser shards in {shards[0].parent} hold no state for {len(missing)} "
+            f"trainable parameter(s) ({', '.join(missing[:3])}, ...): the model's trainable "
+            "parameters differ from the run that wrote them"
+        )
+    if len(hyperparameters) != len(wanted):
+        raise ValueError(
+            f"the optimiser shards in {shards[0].parent} have {len(hyperparameters)} parameter "
+            f"group(s), this optimiser {len(wanted)}"
+        )
+    state, groups, index = {}, [], 0
+    for names, group in zip(wanted, hyperparameters, strict=True):
+        indices = []
+        for name in names:
+            if name in by_name:
+                state[index] = by_name[name]
+            indices.append(index)
+            index += 1
+        groups.append({**group, "params": indices})
+    return {"state": state, "param_groups": groups}
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value

@@ -155,9 +155,25 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if is_sharded(optimizer) else optimizer
 
 
-def optimizer_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+PARAM_NAMES = "param_names"  # beside a saved state dict: its parameters' names, per group
+
+
+def parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The model.named_parameters names of this rank's optimiser parameters, group by group,
+    in the order its state dict indexes them."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [
+        [names[id(p)] for p in group["params"]] for group in local_optimizer(optimizer).param_groups
+    ]
+
+
+def optimizer_checkpoint_state(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
     """What this rank saves: under ZeRO-1 its own share (the inner optimiser's state dict,
-    indexed by its own parameters), else the whole AdamW state.
+    indexed by its own parameters), else the whole AdamW state; with `model`, the names of the
+    parameters (PARAM_NAMES), so that another world size can merge and re-split the shares
+    (trainer/runtime/checkpoint.py `load_optimizer_state`).
 
     Never ZeroRedundancyOptimizer.consolidate_state_dict: it sends every share to one rank as a
     byte tensor on the GPU and loads it there again, the whole state on one card.
@@ -166,7 +182,10 @@ def optimizer_checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, An
         # ZeRO hands the wrapper's hyperparameters (the lr the scheduler set after the last
         # step) to the inner optimiser only at the next step: hand them over before saving.
         _copy_hyperparameters(optimizer.param_groups, optimizer.optim.param_groups)
-    return local_optimizer(optimizer).state_dict()
+    state = local_optimizer(optimizer).state_dict()
+    if model is not None:
+        state[PARAM_NAMES] = parameter_names(optimizer, model)
+    return state
 
 
 def _copy_hyperparameters(source_groups: list[dict], target_groups: list[dict]) -> None:
@@ -179,6 +198,10 @@ def restore_optimizer(
 ) -> None:
     """Load a checkpoint's optimiser state: every tensor once, on its parameter's device.
 
+    `is_shard`: `state` is indexed like this rank's local optimiser (its own ZeRO-1 shard, or
+    one merged by name from the shards of another world size); otherwise it is the whole state
+    in the order of the optimiser's own parameters. Without ZeRO-1 both are the same.
+
     A ZeRO-1 shard goes straight into the inner optimiser, whose own load_state_dict puts each
     tensor on its parameter's device and dtype and `step` where the kernel needs it (on the
     device for fused AdamW). ZeroRedundancyOptimizer.load_state_dict is avoided: it moves every
@@ -186,11 +209,6 @@ def restore_optimizer(
     call leaves a second copy of the state in the wrapper's own `state`, never read.
     """
     sharded = is_sharded(optimizer)
-    if is_shard and not sharded:
-        raise ValueError(
-            "this checkpoint holds the AdamW state as per-rank ZeRO-1 shards: resume with "
-            "--zero1 true (the same number of ranks), or start a new run folder"
-        )
     if not sharded:
         optimizer.load_state_dict(state)
         return
