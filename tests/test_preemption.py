@@ -230,16 +230,20 @@ def _log_times(log: str, marker: str) -> list[tuple[datetime, str]]:
 
 @pytest.mark.slow
 def test_checkpoints_by_the_clock_come_on_schedule(demo_shards, tmp_path):
-    interval = 1.5  # seconds; steps of the tiny preset take ~0.4 s here
-    args = ("--max-steps", "10", "--save-every", "0", "--eval-every", "0", "--keep-last", "20")
+    # seconds; a tiny-preset step takes 0.05-0.4 s (idle to loaded 2-core machine), so 40 steps
+    # outlast several intervals on any machine (checked below, so the test cannot pass vacuously)
+    interval = 0.5
+    args = ("--max-steps", "40", "--save-every", "0", "--eval-every", "0", "--keep-last", "1000")
     minutes = ("--save-every-minutes", str(interval / 60), "--pack", "false")
     # no grace at all: the first checkpoint must warn that a step plus a write outlast it
     env = {preemption.GRACE_VARIABLE: "0"}
     result = run_trainer(2, demo_shards, tmp_path, *args, *minutes, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
     steps = [number for number, _ in ckpt.list_checkpoints(tmp_path)]
-    assert len(steps) >= 2 and steps[-1] == 10, steps  # save_every 0: only the end, but the clock
     log = (tmp_path / "training.log").read_text()
+    first, last = _log_times(log, " INFO step 1:")[0][0], _log_times(log, " INFO step 40:")[0][0]
+    assert (last - first).total_seconds() >= 2 * interval, "the run was too fast to test the clock"
+    assert len(steps) >= 2 and steps[-1] == 40, steps  # save_every 0: only the end, but the clock
     assert log.count(f"Set {preemption.GRACE_VARIABLE}=") == 1, "warned at the first one only"
     step_time = {
         int(line.split("step ")[1].split(":")[0]): when
