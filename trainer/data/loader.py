@@ -341,19 +341,20 @@ def stream_batches(
     split_dir: Path, shard_names: Sequence[str], plan: sampling.StreamPlan, config: DataConfig
 ) -> Iterator[dict[str, Any]]:
     """One stream's collated batches; whole buffers before `plan.first_batch` are never read."""
-    per_buffer = config.bucket_buffer // config.batch_size
-    first_buffer, skip_in_buffer = divmod(plan.first_batch, per_buffer)
+    first_buffer, skip_in_buffer = sampling.resume_point(
+        plan.first_batch, config.bucket_buffer, config.batch_size
+    )
     spans = sampling.skip_samples(plan.spans, first_buffer * config.bucket_buffer)
     samples = iter_span_samples(split_dir, shard_names, spans)
     for buffer_index in count(first_buffer):
         buffer = list(islice(samples, config.bucket_buffer))
         if not buffer:
             return
-        rng = sampling.buffer_rng(plan.rng_key, buffer_index)
         lengths = [len(sample["tokens"]) for sample in buffer]
-        batches = sampling.bucket_batches(lengths, config.batch_size, rng)
-        if buffer_index == first_buffer:
-            batches = batches[skip_in_buffer:]
+        skip = skip_in_buffer if buffer_index == first_buffer else 0
+        batches = sampling.buffer_batches(
+            lengths, config.batch_size, plan.rng_key, buffer_index, skip
+        )
         for indices in batches:
             yield collate([buffer[i] for i in indices])
 

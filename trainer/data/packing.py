@@ -498,8 +498,9 @@ def window_batches(
 ) -> Iterator[dict[str, Any]]:
     """A stream's collated batches of windows; buffers before `plan.first_batch` are skipped
     without reading, only the window before the first built one is read again for its text."""
-    per_buffer = settings.bucket_buffer // settings.batch_size
-    first_buffer, skip_in_buffer = divmod(plan.first_batch, per_buffer)
+    first_buffer, skip_in_buffer = sampling.resume_point(
+        plan.first_batch, settings.bucket_buffer, settings.batch_size
+    )
     start = plan.start + first_buffer * settings.bucket_buffer
     prompt = _window_prompt(reader, windows, start - 1, settings.targets)
     for buffer_index in itertools.count(first_buffer):
@@ -523,11 +524,11 @@ def window_batches(
             window = build_window(samples, placed, settings.targets, choices, prompt)
             prompt = prompt_of(window["texts"])
             built.append(window)
-        rng = sampling.buffer_rng(plan.rng_key, buffer_index)
         lengths = [len(w["tokens"]) for w in built]
-        batches = sampling.bucket_batches(lengths, settings.batch_size, rng)
-        if buffer_index == first_buffer:
-            batches = batches[skip_in_buffer:]
+        skip = skip_in_buffer if buffer_index == first_buffer else 0
+        batches = sampling.buffer_batches(
+            lengths, settings.batch_size, plan.rng_key, buffer_index, skip
+        )
         for indices in batches:
             yield collate_windows([built[i] for i in indices])
 

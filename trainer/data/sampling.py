@@ -316,3 +316,20 @@ def bucket_batches(
 
 def buffer_rng(rng_key: tuple[int, ...] | None, buffer_index: int) -> np.random.Generator | None:
     return None if rng_key is None else order_rng(_BATCH_ORDER_STREAM, *rng_key, buffer_index)
+
+
+def resume_point(first_batch: int, bucket_buffer: int, batch_size: int) -> tuple[int, int]:
+    """(buffer holding a stream's local batch `first_batch`, batches of it already consumed):
+    a stream resumes by skipping whole buffers and the head of that one."""
+    return divmod(first_batch, bucket_buffer // batch_size)
+
+
+def buffer_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    rng_key: tuple[int, ...] | None,
+    buffer_index: int,
+    skip: int = 0,
+) -> list[list[int]]:
+    """One buffer's batches (`bucket_batches` with its own generator), the first `skip` left out."""
+    return bucket_batches(lengths, batch_size, buffer_rng(rng_key, buffer_index))[skip:]
