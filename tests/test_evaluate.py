@@ -12,6 +12,7 @@ import types
 
 import jiwer
 import pytest
+import torch
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from tests._trainer_run import REPO, TINY_MODEL, metrics, run_trainer
@@ -238,3 +239,29 @@ def test_evaluate_cli_uses_a_ctranslate2_export(demo_shards, tmp_path, monkeypat
         == json.loads((demo_shards / "test" / "manifest.json").read_text())["prefix_tokens"]
     )
     assert "ctranslate2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cpu", False), ("cuda", True)])
+def test_evaluation_pins_batches_only_for_a_decoder_on_a_gpu(monkeypatch, device, pinned):
+    """Page-locked batches help only a copy to a GPU: a CPU evaluation on a machine that has one
+    (beside a training run, say) must not pin, a GPU one keeps the setting."""
+    from trainer import evaluate
+    from trainer.data.loader import DataConfig
+    from trainer.runtime.distributed import Dist
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def capturing_eval_batches(split_dir, config, rank, world_size):
+        seen.append(config.pin_memory)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(evaluate, "eval_batches", capturing_eval_batches)
+    decoder = types.SimpleNamespace(device=torch.device(device), window_frames=500)
+    info = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(Stop):
+        evaluate.evaluate_split(decoder, "unused", DataConfig(pin_memory=True), info, 4, 8)
+    assert seen == [pinned]

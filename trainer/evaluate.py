@@ -60,7 +60,7 @@ from trainer.data.packing import (
 )
 from trainer.decoding.longform import match_starts, segments_from_ids, start_error_summary
 from trainer.model import window_frames
-from trainer.runtime import distributed
+from trainer.runtime import distributed, gpu
 from trainer.runtime.distributed import Dist
 from trainer.watch.metrics import format_report, utterance_wer, wer_report
 
@@ -244,6 +244,9 @@ def evaluate_split(
         data_config,
         batch_size=batch_size,
         bucket_buffer=batch_size * max(1, data_config.bucket_buffer // batch_size),
+        # Page-locked batches only help a copy to a GPU: key on the decoder's device, not on
+        # whether some GPU exists (a CPU evaluation beside a training run would pin for nothing).
+        pin_memory=data_config.pin_memory and torch.device(decoder.device).type == "cuda",
     )
     started = time.perf_counter()
     utterances: list[dict[str, Any]] = []
@@ -550,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_dotenv_file()  # HF_HOME and the like, before anything imports huggingface_hub
     args = parse_args(argv)
+    gpu.configure_allocator()  # before anything initialises CUDA, as the trainer does
     info = distributed.setup_distributed(args.device)
     try:
         decoder, n_mels, fingerprint = load_decoder(args, info)
