@@ -141,34 +141,29 @@ def test_one_rank_trains_every_step_on_the_windows_of_two(references):
 
 
 @pytest.mark.slow
-def test_two_ranks_resumed_on_one_continue_with_the_same_steps(references, demo_shards, tmp_path):
-    two, _ = references
-    run_dir = stopped_at_step(two, tmp_path / "two-to-one")
-    resumed = run_trainer(1, demo_shards, run_dir, *ARGS, timeout=120)  # grad_accum 2: FAST's
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "resuming on 1 rank(s) instead of 2: grad_accum 2 -> 4" in resumed.stdout
-    ours, theirs = step_keys(run_dir, 1), step_keys(two, 2)
-    assert sorted(ours) == list(range(STOP + 1, STEPS + 1))
-    for step in ours:
-        assert ours[step] == theirs[step], step
-    expected = losses(two)
-    for step, loss in losses(run_dir).items():  # the merged ZeRO-1 state is the right one
-        assert loss == pytest.approx(expected[step], rel=1e-5), step
-
-
-@pytest.mark.slow
-def test_one_rank_resumed_on_two_continue_with_the_same_steps(references, demo_shards, tmp_path):
+@pytest.mark.parametrize(
+    ("stopped_on", "resumed_on", "extra", "message"),
+    [
+        (2, 1, (), "resuming on 1 rank(s) instead of 2: grad_accum 2 -> 4"),  # FAST's accum 2
+        (1, 2, ("--grad-accum", "4"), "resuming on 2 rank(s) instead of 1: grad_accum 4 -> 2"),
+    ],
+    ids=["two-to-one", "one-to-two"],
+)
+def test_a_run_resumed_on_another_number_of_ranks_continues_with_the_same_steps(
+    references, demo_shards, tmp_path, stopped_on, resumed_on, extra, message
+):
     two, one = references
-    run_dir = stopped_at_step(one, tmp_path / "one-to-two")
-    resumed = run_trainer(2, demo_shards, run_dir, *ARGS, "--grad-accum", "4", timeout=120)
+    reference = two if stopped_on == 2 else one
+    run_dir = stopped_at_step(reference, tmp_path / "resumed")
+    resumed = run_trainer(resumed_on, demo_shards, run_dir, *ARGS, *extra, timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
-    assert "resuming on 2 rank(s) instead of 1: grad_accum 4 -> 2" in resumed.stdout
-    ours, theirs = step_keys(run_dir, 2), step_keys(two, 2)
+    assert message in resumed.stdout
+    ours, theirs = step_keys(run_dir, resumed_on), step_keys(two, 2)
     assert sorted(ours) == list(range(STOP + 1, STEPS + 1))
     for step in ours:
         assert ours[step] == theirs[step], step
-    expected = losses(one)
-    for step, loss in losses(run_dir).items():
+    expected = losses(reference)
+    for step, loss in losses(run_dir).items():  # from two: the merged ZeRO-1 state is right
         assert loss == pytest.approx(expected[step], rel=1e-5), step
 
 
