@@ -122,10 +122,19 @@ class BuilderConfig:
             raise ValueError("--align-max-error must be positive")
 
 
-def parse_args(argv: list[str] | None = None) -> BuilderConfig:
-    from dotenv import load_dotenv
+def load_dotenv_file() -> None:
+    """Let .env fill in the variables the environment does not set: the .env of the working
+    directory (or a parent), else the repository's. Every entry point calls it first, since
+    huggingface_hub reads HF_HOME once, when it is first imported. (python-dotenv without a path
+    searches from the calling module's folder only, so a .env beside the user's runs would be
+    missed.)"""
+    from dotenv import find_dotenv, load_dotenv
 
-    load_dotenv()  # .env fills in what the environment does not set
+    load_dotenv(find_dotenv(usecwd=True) or find_dotenv())
+
+
+def parse_args(argv: list[str] | None = None) -> BuilderConfig:
+    load_dotenv_file()
     parser = argparse.ArgumentParser(
         prog="python -m shard_builder",
         description="Build Whisper-ready WebDataset shards (trimmed float16 log-mel + tokens).",

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shard_builder.config import load_dotenv_file
 from shard_builder.contract import (
     HOP_LENGTH,
     MANIFEST_NAME,
@@ -457,9 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dotenv import load_dotenv
-
-    load_dotenv()  # HF_HOME and HF_TOKEN, as the builder reads them
+    load_dotenv_file()  # HF_HOME and HF_TOKEN, as the builder reads them
     args = parse_args(argv)
     try:
         report = inspect(args)

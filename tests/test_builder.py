@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -299,3 +300,28 @@ def test_a_part_removes_only_its_own_leftovers(tmp_path):
     assert [path.exists() for path in leftovers] == [True, False, False, True]
     remove_stale_temporaries(tmp_path, BuilderConfig(out=str(tmp_path)))
     assert not any(path.exists() for path in leftovers)
+
+
+def test_the_entry_points_read_the_dotenv_of_the_working_directory(tmp_path, monkeypatch):
+    """A .env beside the user's runs fills in what the environment does not set (the builder's
+    SHARDS_DIR default here); a variable that is set wins. A bare load_dotenv() would search
+    from the package's folder only and miss it."""
+    from shard_builder.config import parse_args
+
+    (tmp_path / ".env").write_text("SHARDS_DIR=shards-from-dotenv\nHF_HOME=hf-from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("SHARDS_DIR", "HF_HOME"):  # set, then unset: undone after the test either way
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HOME", "hf-from-the-environment")
+    config = parse_args(["--dataset", "some/dataset"])
+    assert config.out == "shards-from-dotenv"
+    assert os.environ["HF_HOME"] == "hf-from-the-environment"
+    repo = Path(__file__).resolve().parent.parent
+    bare = [
+        str(path.relative_to(repo))
+        for package in ("shard_builder", "trainer")
+        for path in (repo / package).rglob("*.py")
+        if "load_dotenv()" in path.read_text()
+    ]
+    assert not bare, f"{bare} call load_dotenv() instead of shard_builder.config.load_dotenv_file"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shard_builder.config import load_dotenv_file
 from trainer.data.loader import DataConfig
 from trainer.evaluate import EvalConfig
 from trainer.model import ModelConfig
@@ -258,15 +259,6 @@ def read_environment(environ: dict[str, str] | None) -> dict[str, str]:
         return environ
     load_dotenv_file()
     return dict(os.environ)
-
-
-def load_dotenv_file() -> None:
-    """Let .env fill in the variables the environment does not set: the .env of the working
-    directory (or a parent), else the repository's. Called first by every entry point, since
-    huggingface_hub reads HF_HOME once, when it is first imported."""
-    from dotenv import find_dotenv, load_dotenv
-
-    load_dotenv(find_dotenv(usecwd=True) or find_dotenv())
 
 
 def resolve_layers(args: dict[str, Any], environ: dict[str, str]) -> TrainConfig:

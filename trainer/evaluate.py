@@ -549,7 +549,7 @@ def load_decoder(args: argparse.Namespace, info: Dist):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import load_dotenv_file
+    from shard_builder.config import load_dotenv_file
 
     load_dotenv_file()  # HF_HOME and the like, before anything imports huggingface_hub
     args = parse_args(argv)

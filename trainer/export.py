@@ -729,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import load_dotenv_file
+    from shard_builder.config import load_dotenv_file
 
     load_dotenv_file()  # HF_HOME and the like, before anything imports huggingface_hub
     config = parse_args(argv)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shard_builder.config import load_dotenv_file
 from trainer.model_card import DEFAULT_LICENSE, CardError, gather_inputs, make_card, write_card
 
 # What a checkpoint holds beside the Hugging Face files: needed to resume, not to use the model.
@@ -214,9 +215,7 @@ def parse_args(argv: list[str] | None = None) -> PublishConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dotenv import load_dotenv
-
-    load_dotenv()  # HF_TOKEN, HF_ENDPOINT, HF_HOME, as the other entry points read them
+    load_dotenv_file()  # HF_TOKEN, HF_ENDPOINT, HF_HOME, as the other entry points read them
     config = parse_args(argv)
     try:
         publish(config)
