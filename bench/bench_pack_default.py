@@ -21,7 +21,9 @@ full (encoder included) on 2 CPU ranks (torchrun, gloo, config/demo-whisper-base
 `--run NAME:PACK:STEPS:WINDOWS_PER_RANK[:LONE_PROBABILITY]` (repeatable). A run folder that
 already finished is reused; figures are printed and written to OUT/results.json, then copied
 into docs/benchmarks.md by hand. `--summary OUT/RUN ...` prints the table of finished runs, with
-95 % paired bootstrap intervals (over the test utterances) of each WER minus the first run's.
+95 % paired bootstrap intervals (over the test utterances) of each WER minus the first run's;
+`--pooled BASE,OTHER BASE,OTHER ...` (one pair of run folders per seed) the same over every
+seed's utterance pairs together.
 """
 
 from __future__ import annotations
@@ -199,11 +201,20 @@ def measure(args, name: str, pack: bool, steps: int, windows: int, lone: float) 
 def paired_interval(base: list[dict], other: list[dict], rounds: int = 2000) -> tuple:
     """95 % bootstrap interval (utterances resampled, paired by key) of other's normalised
     WER minus base's, in points."""
+    return pooled_interval([(base, other)], rounds)[1]
+
+
+def pooled_interval(runs: list[tuple[list[dict], list[dict]]], rounds: int = 2000) -> tuple:
+    """(difference, 95 % interval) of other's normalised WER minus base's, in points, over the
+    utterance pairs of every (base, other) run pair together (seeds pooled: a pair is one test
+    utterance decoded by both runs of one seed; all seeds' pairs are resampled together)."""
     import jiwer
     import numpy as np
 
-    mine = {u["reference"]: u for u in other}
-    pairs = [(u, mine[u["reference"]]) for u in base if u["reference"] in mine]
+    pairs = []
+    for base, other in runs:
+        mine = {u["reference"]: u for u in other}
+        pairs += [(u, mine[u["reference"]]) for u in base if u["reference"] in mine]
     counts = []
     for a, b in pairs:
         ref = normalise(a["reference"])
@@ -218,7 +229,9 @@ def paired_interval(base: list[dict], other: list[dict], rounds: int = 2000) -> 
     picks = rng.integers(0, len(counts), size=(rounds, len(counts)))
     sample = counts[picks].sum(axis=1)
     difference = 100 * (sample[:, 2] - sample[:, 1]) / sample[:, 0]
-    return tuple(float(x) for x in np.percentile(difference, [2.5, 97.5]).round(1))
+    whole = 100 * (counts[:, 2].sum() - counts[:, 1].sum()) / counts[:, 0].sum()
+    interval = tuple(float(x) for x in np.percentile(difference, [2.5, 97.5]).round(1))
+    return round(float(whole), 1), interval
 
 
 def summary(folders: list[str]) -> None:
@@ -265,9 +278,34 @@ def summary(folders: list[str]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def pooled(pairs: list[str]) -> None:
+    """Seeds pooled: each argument BASE_RUN,OTHER_RUN (two finished run folders of one seed);
+    the difference over all their utterance pairs, greedy and RealtimeSTT's default."""
+    folders = [tuple(Path(f) for f in pair.split(",")) for pair in pairs]
+
+    def greedy(folder):
+        return json.loads((folder / "greedy.json").read_text())["utterances"]
+
+    def batched(folder):
+        report = json.loads((folder / "realtime.json").read_text())
+        refs = [u["reference"] for u in report["utterances"]]
+        hyps = report["realtime_decoded"]["batched"]["utterances"]
+        return [
+            {"reference": r, "hypothesis": " ".join(s["text"] for s in h)}
+            for r, h in zip(refs, hyps, strict=True)
+        ]
+
+    for name, read in (("greedy per utterance", greedy), ("RealtimeSTT default", batched)):
+        difference, interval = pooled_interval([(read(a), read(b)) for a, b in folders])
+        print(f"{name}: {difference:+.1f} points, 95 % interval {interval} ({len(folders)} seeds)")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--summary"]:
         summary(sys.argv[2:])
+        return 0
+    if argv is None and sys.argv[1:2] == ["--pooled"]:
+        pooled(sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a pretrained Whisper folder")
