@@ -5,6 +5,7 @@ Not a test module (no test_ prefix); imported by tests/test_{loop,checkpoint,eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,13 +97,25 @@ def run_trainer(
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        kill_processes_of(run_dir)  # torchrun starts its ranks in sessions of their own
+        output, _ = process.communicate(timeout=60)
         where = {rank: last_step(run_dir, rank) for rank in range(nproc)}
         raise AssertionError(
             f"trainer timed out after {timeout} s; last step logged per rank: {where} "
             f"(a rank behind the others is the one that hung)\n{output[-4000:]}"
         ) from None
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def kill_processes_of(run_dir: Path) -> None:
+    """SIGKILL every process whose command line names `run_dir` (ranks, loader workers): a
+    killed launcher's ranks live on in their own sessions and hold the output pipe open."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(run_dir) in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 def _free_port() -> int:
