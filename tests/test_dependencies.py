@@ -193,7 +193,7 @@ def test_the_scan_of_the_repository_sees_known_imports():
     assert ("trainer/loop.py", "torch") in uses
     assert ("shard_builder/audio.py", "soundfile") in uses
     assert ("trainer/watch/metrics.py", "tensorboard") in uses  # through torch.utils.tensorboard
-    assert ("trainer/config.py", "python-dotenv") in uses
+    assert ("shard_builder/config.py", "python-dotenv") in uses
     tops = {use.module.split(".")[0] for use in scan()}
     assert not tops & {"trainer", "shard_builder", "tests", "bench_common", "json", "__future__"}
 
