@@ -234,19 +234,21 @@ def pooled_interval(runs: list[tuple[list[dict], list[dict]]], rounds: int = 200
     return round(float(whole), 1), interval
 
 
+def realtime_utterances(report: dict, mode: str) -> list[dict]:
+    """(reference, hypothesis) per test utterance as a realtime mode of trainer.evaluate did."""
+    refs = [u["reference"] for u in report["utterances"]]
+    hyps = report["realtime_decoded"][mode]["utterances"]
+    return [
+        {"reference": r, "hypothesis": " ".join(s["text"] for s in h)}
+        for r, h in zip(refs, hyps, strict=True)
+    ]
+
+
 def summary(folders: list[str]) -> None:
     """A markdown table of finished runs (OUT/NAME folders), intervals against the first."""
     rows = [json.loads((Path(f) / "result.json").read_text()) for f in folders]
     greedy = [json.loads((Path(f) / "greedy.json").read_text())["utterances"] for f in folders]
     decoded = [json.loads((Path(f) / "realtime.json").read_text()) for f in folders]
-
-    def realtime_utterances(report, mode):
-        refs = [u["reference"] for u in report["utterances"]]
-        hyps = report["realtime_decoded"][mode]["utterances"]
-        return [
-            {"reference": r, "hypothesis": " ".join(s["text"] for s in h)}
-            for r, h in zip(refs, hyps, strict=True)
-        ]
 
     def percent(value) -> str:
         return "not run" if value is None else f"{100 * value:.1f} %"
@@ -287,13 +289,7 @@ def pooled(pairs: list[str]) -> None:
         return json.loads((folder / "greedy.json").read_text())["utterances"]
 
     def batched(folder):
-        report = json.loads((folder / "realtime.json").read_text())
-        refs = [u["reference"] for u in report["utterances"]]
-        hyps = report["realtime_decoded"]["batched"]["utterances"]
-        return [
-            {"reference": r, "hypothesis": " ".join(s["text"] for s in h)}
-            for r, h in zip(refs, hyps, strict=True)
-        ]
+        return realtime_utterances(json.loads((folder / "realtime.json").read_text()), "batched")
 
     for name, read in (("greedy per utterance", greedy), ("RealtimeSTT default", batched)):
         difference, interval = pooled_interval([(read(a), read(b)) for a, b in folders])
