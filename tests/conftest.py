@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,29 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CORPUS = REPO / "demo" / "corpus"
 TINY_MODEL = REPO / "config" / "models" / "tiny-whisper-de"
 DEMO_SHARD_SIZE = 64  # small shards so the demo corpus spans several per split
+
+
+# The most the suite's folders hold at once, measured on a full run with the clean-up below
+# (docs/benchmarks.md, "The test suite's disk"); less free disk than this gets a warning.
+SUITE_DISK_GB = 3.0
+
+
+def free_disk_line(config) -> tuple[str, bool]:
+    where = Path(config.getoption("basetemp") or tempfile.gettempdir())
+    free_gb = shutil.disk_usage(where if where.exists() else where.parent).free / 2**30
+    line = f"free disk under {where}: {free_gb:.1f} GB (the suite needs ~{SUITE_DISK_GB:.0f} GB)"
+    return line, free_gb < SUITE_DISK_GB
+
+
+def pytest_report_header(config) -> str:
+    return free_disk_line(config)[0]
+
+
+def pytest_sessionstart(session) -> None:
+    line, short = free_disk_line(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if short and reporter is not None:  # shown under -q too, where the header is not
+        reporter.write_line(f"WARNING: {line}; tests that write will fail with 'No space left'")
 
 
 def set_window(folder: Path, seconds: int) -> None:
@@ -77,6 +102,25 @@ def demo_shards(tmp_path_factory) -> Path:
     result = build_shards(out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """`mktemp` for a module's shared fixtures (its reference runs, exports, shards). What it
+    made is removed once the module's tests are done, unless one of them failed (kept to look
+    at, as pytest keeps a failed test's tmp_path). Kept all at once the suite's folders came to
+    ~5 GB, and a CI machine short of disk failed every test that wrote once the disk was full."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

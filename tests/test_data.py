@@ -92,8 +92,8 @@ def write_split(split_dir: Path, shard_sizes: list[int], seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uneven_split(tmp_path_factory) -> Path:
-    split_dir = tmp_path_factory.mktemp("synthetic") / "train"
+def uneven_split(module_tmp) -> Path:
+    split_dir = module_tmp("synthetic") / "train"
     write_split(split_dir, UNEVEN_SIZES)
     return split_dir
 

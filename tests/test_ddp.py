@@ -67,8 +67,8 @@ HOOKS = {"TRAINER_DEBUG_INF_AT_STEP": str(INF_STEP)}
 
 
 @pytest.fixture(scope="module")
-def reference_run(demo_shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ddp-reference")
+def reference_run(demo_shards, module_tmp):
+    run_dir = module_tmp("ddp-reference")
     result = run_trainer(2, demo_shards, run_dir, *RUN_ARGS, env=HOOKS)
     assert result.returncode == 0, result.stdout[-4000:]
     return run_dir

@@ -101,8 +101,8 @@ def test_gpu_counts_that_work_divide_both_streams_and_global_batch():
 
 
 @pytest.fixture(scope="module")
-def references(demo_shards, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("elastic")
+def references(demo_shards, module_tmp):
+    folder = module_tmp("elastic")
     two = run_trainer(2, demo_shards, folder / "two", *ARGS, timeout=180)
     assert two.returncode == 0, two.stdout[-4000:]
     one = run_trainer(1, demo_shards, folder / "one", *ARGS, "--grad-accum", "4", timeout=180)

@@ -48,8 +48,8 @@ def test_wer_report_orthographic_normalised_and_per_source():
 
 
 @pytest.fixture(scope="module")
-def demo_run(demo_shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo-learns")
+def demo_run(demo_shards, module_tmp):
+    run_dir = module_tmp("demo-learns")
     result = run_trainer(
         1,
         demo_shards,

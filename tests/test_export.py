@@ -103,13 +103,13 @@ def hf_greedy(model: Path, features: np.ndarray, prefix: list[int], new_tokens: 
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_random_whisper(tmp_path_factory.mktemp("tiny-random") / "best")
+def tiny_model(module_tmp) -> Path:
+    return save_random_whisper(module_tmp("tiny-random") / "best")
 
 
 @pytest.fixture(scope="module")
-def float32_export(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "tiny-ct2-float32"
+def float32_export(tiny_model, module_tmp):
+    out = module_tmp("exports") / "tiny-ct2-float32"
     config = export_config(tiny_model, out, quantization="float32", strict=True)
     config.long_form_seconds = 31.0  # just over one window: faster-whisper seeks on
     return out, export(config)

@@ -156,8 +156,8 @@ def test_word_boundaries_are_token_boundaries():
 
 
 @pytest.fixture(scope="module")
-def split_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("split-shards")
+def split_shards(module_tmp) -> Path:
+    out = module_tmp("split-shards")
     result = build_shards(out, TINY_MODEL, "--splits", "train", *NOT_CONFIDENT_ANYWAY)
     assert result.returncode == 0, result.stderr[-3000:]
     return out

@@ -280,9 +280,9 @@ def test_128_ranks_get_equal_windows_within_the_drop_bound(num_workers):
 
 
 @pytest.fixture(scope="module")
-def token_split(tmp_path_factory, tokenizer):
+def token_split(module_tmp, tokenizer):
     """Synthetic shards whose token members are real stored targets of the tiny tokenizer."""
-    split_dir = tmp_path_factory.mktemp("packed") / "train"
+    split_dir = module_tmp("packed") / "train"
     write_split(split_dir, [40, 9, 33])
     return split_dir
 

@@ -147,13 +147,13 @@ def _run(shards, run_dir, mode, hook=None):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_shards, tmp_path_factory):
+def reference(demo_shards, module_tmp):
     """One uninterrupted run per mode, made when a test first asks for it."""
     runs = {}
 
     def get(mode: str) -> Path:
         if mode not in runs:
-            run_dir = tmp_path_factory.mktemp(f"reference-{mode}")
+            run_dir = module_tmp(f"reference-{mode}")
             result = _run(demo_shards, run_dir, mode)
             assert result.returncode == 0, result.stdout[-4000:]
             runs[mode] = run_dir

@@ -28,9 +28,9 @@ CT2_REPO_ID = f"{REPO_ID}-ct2"
 
 
 @pytest.fixture(scope="module")
-def demo_run(demo_shards, tmp_path_factory) -> Path:
+def demo_run(demo_shards, module_tmp) -> Path:
     """One optimiser step of the tiny preset, evaluated (4 utterances) and checkpointed."""
-    run_dir = tmp_path_factory.mktemp("publish") / "run"
+    run_dir = module_tmp("publish") / "run"
     short = ["--max-steps", "1", "--grad-accum", "1", "--eval-limit", "4", "--packed-eval", "false"]
     result = run_trainer(1, demo_shards, run_dir, *short)
     assert result.returncode == 0, result.stdout[-3000:]

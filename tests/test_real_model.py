@@ -75,8 +75,8 @@ def evaluate(model: Path, shards: Path, output: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_shards(whisper_base_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base-shards")
+def base_shards(whisper_base_dir, module_tmp) -> Path:
+    out = module_tmp("base-shards")
     # The demo's long rows are rejected here, not split: the fine-tune figures these tests and
     # docs/benchmarks.md compare stay on the same samples, and the split (whisper-base aligning
     # each long row, ~20 s apiece on one core) is tested in tests/test_long_audio.py.
@@ -86,16 +86,16 @@ def base_shards(whisper_base_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def untouched_report(whisper_base_dir, base_shards, tmp_path_factory) -> dict:
+def untouched_report(whisper_base_dir, base_shards, module_tmp) -> dict:
     return evaluate(
-        whisper_base_dir, base_shards, tmp_path_factory.mktemp("eval") / "untouched.json"
+        whisper_base_dir, base_shards, module_tmp("eval") / "untouched.json"
     )
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(whisper_base_dir, base_shards, tmp_path_factory) -> Path:
+def fine_tuned(whisper_base_dir, base_shards, module_tmp) -> Path:
     """The README's training command, on 2 CPU ranks with gloo; returns RUN/best."""
-    run_dir = tmp_path_factory.mktemp("run")
+    run_dir = module_tmp("run")
     run(
         [
             sys.executable,

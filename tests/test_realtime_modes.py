@@ -30,8 +30,8 @@ from trainer.watch.metrics import wer_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def random_export(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("realtime")
+def random_export(module_tmp) -> Path:
+    folder = module_tmp("realtime")
     model = save_random_whisper(folder / "best")
     out = folder / "ct2"
     export(export_config(model, out, quantization="float32", verify=False))

@@ -50,9 +50,9 @@ OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 @pytest.fixture(scope="module")
-def watched_run(demo_shards, tmp_path_factory):
+def watched_run(demo_shards, module_tmp):
     pytest.importorskip("wandb")
-    run_dir = tmp_path_factory.mktemp("watch")
+    run_dir = module_tmp("watch")
     for steps in (FIRST_STEPS, RESUMED_STEPS):
         result = run_trainer(
             2, demo_shards, run_dir, "--max-steps", str(steps), *WATCH_ARGS, env=OFFLINE
