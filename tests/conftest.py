@@ -24,7 +24,7 @@ DEMO_SHARD_SIZE = 64  # small shards so the demo corpus spans several per split
 
 # The most the suite's folders hold at once, measured on a full run with the clean-up below
 # (docs/benchmarks.md, "The test suite's disk"); less free disk than this gets a warning.
-SUITE_DISK_GB = 3.0
+SUITE_DISK_GB = 2.0
 
 
 def free_disk_line(config) -> tuple[str, bool]:
